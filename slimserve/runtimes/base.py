@@ -1,0 +1,140 @@
+"""The runtime seam: one interface over torch, ONNX Runtime and TensorRT.
+
+KV cache layout (one decision, shared by every runtime)
+-------------------------------------------------------
+A running batch of B sequences carries a `KVState`:
+
+* `keys[i]`, `values[i]` for layer i: `[B, H, P, D]` (batch, heads, past length, head_dim).
+  P is the *common* past length: shorter rows are **left-padded** with zeros.
+* `mask`: `[B, P]` int64, 1 where the cache column holds a real token, 0 for padding.
+* `positions`: `[B]` int64, the position id of each row's *next* token
+  (= number of real tokens so far), so position ids never count padding.
+
+Operations:
+
+* `prefill(seqs)` left-pads a batch of token lists to their longest length, runs them, and
+  returns the logits of each row's last real token `[B, V]` and a fresh `KVState`.
+* `decode(tokens, state)` feeds one token per row `[B]`, appends one column to the cache
+  (mask 1), and returns `[B, V]` logits and the grown state.
+* `merge(a, b)` (a request joining a running batch): left-pads the state with the shorter past
+  to the longer one's P and concatenates along the batch axis.
+* `select(state, rows)` (requests leaving): index-selects rows, then drops leading columns
+  that are padding for every remaining row, so P never grows past the longest live row.
+
+Tensors are torch tensors on the runtime's device (ONNX Runtime's numpy buffers are wrapped
+with `torch.from_numpy`, zero-copy), so the engine samples on them without knowing the runtime.
+Logits are always float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class KVState:
+    """A padded KV cache for a batch; see the module docstring for shapes."""
+
+    keys: list[torch.Tensor]  # per layer: (B, H, P, D)
+    values: list[torch.Tensor]  # per layer: (B, H, P, D)
+    mask: torch.Tensor  # (B, P) int64, 1 = real token
+    positions: torch.Tensor  # (B,) int64, next position id per row
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def past_length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a loaded runtime is and can do."""
+
+    runtime: str  # "torch" | "onnxruntime" | "tensorrt"
+    context_length: int  # n_positions: prompt + generated tokens must fit
+    vocab_size: int
+    device: str  # "cpu", "cuda:0"
+    dtype: str  # "float32", "float16", "bfloat16", "int8"
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    threads: int  # intra-op threads this runtime uses (reported, set explicitly)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Anything that can prefill and decode a batch with a KV cache."""
+
+    info: RuntimeInfo
+
+    def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
+        """Run prompts (left-padded together); return last-token logits (B, V) and the cache."""
+        ...
+
+    def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
+        """Feed one token per row (B,); return logits (B, V) and the cache grown by one column."""
+        ...
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits (B, T, V) for unpadded blocks (B, T): evaluation and parity."""
+        ...
+
+
+def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `input_ids` (B, T) and `attention_mask` (B, T) int64."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("prefill needs at least one non-empty sequence per row")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) that skip left padding: 0 for the first real token of each row."""
+    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+def _pad_left(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+def merge(a: KVState, b: KVState) -> KVState:
+    """Concatenate two batches, left-padding the shorter past to the longer one's length."""
+    width = max(a.past_length, b.past_length)
+    pa, pb = width - a.past_length, width - b.past_length
+    keys = [
+        torch.cat([_pad_left(x, pa, 2), _pad_left(y, pb, 2)])
+        for x, y in zip(a.keys, b.keys, strict=True)
+    ]
+    values = [
+        torch.cat([_pad_left(x, pa, 2), _pad_left(y, pb, 2)])
+        for x, y in zip(a.values, b.values, strict=True)
+    ]
+    mask = torch.cat([_pad_left(a.mask, pa, 1), _pad_left(b.mask, pb, 1)])
+    return KVState(keys, values, mask, torch.cat([a.positions, b.positions]))
+
+
+def select(state: KVState, rows: list[int]) -> KVState:
+    """Keep `rows` (in that order) and trim columns that are padding for every kept row."""
+    index = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
+    mask = state.mask.index_select(0, index)
+    live = mask.any(dim=0).nonzero()
+    start = int(live[0]) if len(live) else mask.shape[1]
+    keys = [k.index_select(0, index)[:, :, start:] for k in state.keys]
+    values = [v.index_select(0, index)[:, :, start:] for v in state.values]
+    return KVState(keys, values, mask[:, start:], state.positions.index_select(0, index))

@@ -1,0 +1,228 @@
+"""The PyTorch runtime: any Hugging Face GPT-2 folder, on CPU or CUDA, in fp32 / fp16 / bf16.
+
+Prefill and decode follow `slimserve.runtimes.base` (left padding, attention mask, position ids
+that skip padding). The KV cache crosses the seam as plain per-layer tensors; each decode wraps
+them in a transformers `DynamicCache` *without copying* (the layers are filled by assignment,
+not by `update`, which would concatenate onto an empty tensor), and reads the grown tensors
+back. The only per-step work proportional to the cache is the one append HF itself does.
+
+Appends are amortised: a layer's keys and values live in a buffer with spare columns, and the
+state's tensors are views of it. A decode writes its new column in place when the state is the
+newest view of its buffer (so branching from an older state is still correct: it copies),
+otherwise it copies once into a larger buffer. `merge` / `select` make fresh tensors, as the
+base layout says; the next decode gives them headroom again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+THREADS_ENV = "SLIMSERVE_TORCH_THREADS"
+_GROW_MIN = 32  # spare columns added when a buffer is (re)allocated
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Explicit value, else $SLIMSERVE_TORCH_THREADS, else every CPU (Ray would give one)."""
+    if threads is None:
+        env = os.environ.get(THREADS_ENV)
+        if env:
+            try:
+                threads = int(env)
+            except ValueError as exc:
+                raise ValueError(f"{THREADS_ENV} must be an integer, got {env!r}") from exc
+        else:
+            threads = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """None picks CUDA when present, else CPU; 'cuda' means the current CUDA device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """None is float32 on CPU and float16 on CUDA."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class _AppendLayer(DynamicLayer):
+    """A DynamicLayer whose `update` appends into spare buffer columns when it safely can."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity_limit: int):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.capacity_limit = capacity_limit
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys = _append(self.keys, key_states, self.capacity_limit)
+        self.values = _append(self.values, value_states, self.capacity_limit)
+        return self.keys, self.values
+
+
+def _append(view: torch.Tensor, new: torch.Tensor, limit: int) -> torch.Tensor:
+    """`cat([view, new], dim=2)` for (B, H, P, D) + (B, H, T, D), in place when safe.
+
+    A buffer (B, H, C, D) records in `_slim_len` how many columns its newest view covers; only
+    that view may write past them. Anything else (no buffer, full buffer, an older view) copies
+    into a new buffer with room for more.
+    """
+    b, h, p, d = view.shape
+    t = new.shape[2]
+    base = view._base
+    if (
+        base is not None
+        and getattr(base, "_slim_len", -1) == p
+        and base.dim() == 4
+        and base.shape[2] >= p + t
+        and base.shape[:2] == (b, h)
+        and view.data_ptr() == base.data_ptr()
+        and view.stride() == base.stride()
+    ):
+        base[:, :, p : p + t].copy_(new)
+        base._slim_len = p + t
+        return base[:, :, : p + t]
+    need = p + t
+    cap = max(need, min(limit, need + max(_GROW_MIN, need // 4)))
+    buf = torch.empty((b, h, cap, d), dtype=view.dtype, device=view.device)
+    buf[:, :, :p].copy_(view)
+    buf[:, :, p:need].copy_(new)
+    buf._slim_len = need
+    return buf[:, :, :need]
+
+
+class TorchRuntime:
+    """A GPT-2 `*LMHeadModel` behind the `Runtime` protocol (see base.py for shapes)."""
+
+    def __init__(self, model: torch.nn.Module, info: RuntimeInfo):
+        self.model = model.eval()
+        self.info = info
+        self.device = next(model.parameters()).device
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
+        ids, mask = left_pad(seqs)  # (B, T) each
+        if ids.shape[1] > self.info.context_length:
+            raise ValueError(
+                f"prompt of {ids.shape[1]} tokens exceeds context length {self.info.context_length}"
+            )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # left padding puts every row's last real token in the last column
+        )
+        keys = [layer.keys for layer in cache.layers]  # (B, H, T, D) each
+        values = [layer.values for layer in cache.layers]
+        state = KVState(keys, values, mask, mask.sum(dim=1))
+        return out.logits[:, -1].float(), state  # (B, V)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
+        # Under base.py's invariants the longest row has no padding, so P is its position.
+        if state.past_length + 1 > self.info.context_length:
+            raise ValueError(
+                f"decode past the context length {self.info.context_length} (past {state.past_length})"
+            )
+        batch = state.batch_size
+        limit = self.info.context_length
+        cache = DynamicCache()
+        cache.layers = [_AppendLayer(k, v, limit) for k, v in zip(state.keys, state.values)]
+        ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
+        mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
+        out = self.model(
+            input_ids=tokens.to(self.device, torch.long).view(batch, 1),
+            attention_mask=mask,
+            position_ids=state.positions.view(batch, 1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        keys = [layer.keys for layer in cache.layers]  # (B, H, P + 1, D)
+        values = [layer.values for layer in cache.layers]
+        return out.logits[:, -1].float(), KVState(keys, values, mask, state.positions + 1)
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids.to(self.device, torch.long), use_cache=False)
+        return out.logits.float()  # (B, T, V)
+
+
+def load(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> TorchRuntime:
+    """Load a Hugging Face GPT-2 folder (`config.json` + weights) as a `TorchRuntime`.
+
+    device: "cpu", "cuda", "cuda:N" or None (CUDA when present). dtype: float32 / float16 /
+    bfloat16 (or fp32 / fp16 / bf16), None = float32 on CPU, float16 on CUDA. threads: torch
+    intra-op threads, set process-wide with `torch.set_num_threads` (None: $SLIMSERVE_TORCH_THREADS,
+    else os.cpu_count()).
+    """
+    folder = Path(folder)
+    n_threads = resolve_threads(threads)
+    torch.set_num_threads(n_threads)
+    dev = resolve_device(device)
+    tdtype = resolve_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdtype)
+    model.to(dev).eval()
+    cfg = model.config
+    n_embd, n_head = int(cfg.n_embd), int(cfg.n_head)
+    info = RuntimeInfo(
+        runtime="torch",
+        context_length=int(cfg.n_positions),
+        vocab_size=int(cfg.vocab_size),
+        device=str(dev),
+        dtype=str(tdtype).removeprefix("torch."),
+        num_layers=int(cfg.n_layer),
+        num_heads=n_head,
+        head_dim=n_embd // n_head,
+        threads=torch.get_num_threads(),
+        extra={
+            "model_type": str(cfg.model_type),
+            "attn_implementation": str(cfg._attn_implementation),
+            "folder": str(folder),
+        },
+    )
+    return TorchRuntime(model, info)

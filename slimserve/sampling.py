@@ -1,0 +1,207 @@
+"""Sampling parameters and one vectorised sampler for a whole batch.
+
+Every row of a running batch carries its own `SamplingParams`, so `sample` works per row but
+does the heavy work (penalty, temperature, top-k, top-p, inverse-CDF draw) as batched tensor
+ops. Randomness comes from one `torch.Generator` per request drawing one uniform number per
+step on the CPU, so a seeded request gives the same tokens alone or in any batch, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# torch.Generator.manual_seed accepts this range (it wraps negatives to unsigned 64-bit).
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+class ParameterError(ValueError):
+    """A client fault in request parameters; `param` names the first offending field.
+
+    `problems` lists every (field, message) found, so a caller can report them all at once.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        self.param = problems[0][0]
+        super().__init__("; ".join(f"{name}: {msg}" for name, msg in problems))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request (OpenAI semantics where OpenAI has the field).
+
+    Validated on construction and again when a request is submitted; a problem raises
+    `ParameterError` (a ValueError) naming the field.
+    """
+
+    max_tokens: int = 16
+    """Most tokens to generate (>= 1); prompt + max_tokens must fit the context."""
+    temperature: float = 1.0
+    """0 means greedy (argmax); otherwise logits are divided by it (finite, >= 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables it, 1 is exactly greedy."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens already in the prompt or output; 1 disables it."""
+    seed: int | None = None
+    """Seed of this request's own generator: the same seed gives the same tokens."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; the text is cut before the first one (not included)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-text token (benchmarks that need equal lengths)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        elif self.stop is None:
+            self.stop = []
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        """True when the pick is the argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (field, message) that is wrong; empty when the parameters are valid."""
+        out: list[tuple[str, str]] = []
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            out.append(("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"))
+        if (
+            not _is_real(self.temperature)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            out.append(("temperature", f"must be finite and >= 0, got {self.temperature!r}"))
+        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
+            out.append(("top_p", f"must be in (0, 1], got {self.top_p!r}"))
+        if not _is_int(self.top_k) or self.top_k < 0:
+            out.append(("top_k", f"must be an integer >= 0, got {self.top_k!r}"))
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
+            out.append(("repetition_penalty", f"must be finite and > 0, got {rp!r}"))
+        if self.seed is not None and (
+            not _is_int(self.seed) or not (_SEED_MIN <= self.seed <= _SEED_MAX)
+        ):
+            out.append(("seed", f"must be a 64-bit integer or None, got {self.seed!r}"))
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            out.append(("stop", f"must be a string or a list of strings, got {self.stop!r}"))
+        elif any(s == "" for s in self.stop):
+            out.append(("stop", "stop strings must not be empty"))
+        return out
+
+    def validate(self) -> None:
+        """Raise `ParameterError` naming every bad field (the first one in `.param`)."""
+        found = self.problems()
+        if found:
+            raise ParameterError(found)
+
+    def make_generator(self) -> torch.Generator:
+        """A CPU generator for this request: seeded when `seed` is set, else from OS entropy."""
+        gen = torch.Generator(device="cpu")
+        if self.seed is not None:
+            gen.manual_seed(self.seed)
+        else:
+            gen.seed()
+        return gen
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: list[int], penalties: list[float], previous: Sequence[Sequence[int]]
+) -> None:
+    """In place, for each listed row: divide positive logits of seen tokens, multiply negative ones.
+
+    `logits` (B, V) float32; `previous[r]` the token ids already seen by row r (prompt + output).
+    Seen ids are padded with the row's first id, so duplicates write the same value twice.
+    """
+    keep = [i for i, r in enumerate(rows) if len(previous[r]) > 0]
+    if not keep:
+        return
+    rows, penalties = [rows[i] for i in keep], [penalties[i] for i in keep]
+    width = max(len(previous[r]) for r in rows)
+    padded = [list(previous[r]) + [previous[r][0]] * (width - len(previous[r])) for r in rows]
+    seen = torch.tensor(padded, dtype=torch.long, device=logits.device)  # (R, L)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    sub = logits.index_select(0, index)  # (R, V)
+    picked = sub.gather(1, seen)  # (R, L)
+    pen = torch.tensor(penalties, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    picked = torch.where(picked > 0, picked / pen, picked * pen)
+    sub.scatter_(1, seen, picked)
+    logits.index_copy_(0, index, sub)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    previous: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row; returns (B,) int64 on the logits' device.
+
+    logits: (B, V) (any float dtype; sampled in float32). params[r] / generators[r] belong to
+    row r; a None generator uses torch's global RNG. previous[r] lists the ids row r has seen
+    (needed only when some row has repetition_penalty != 1).
+    Greedy rows (temperature 0 or top_k 1) take the argmax after the penalty, so top_k=1
+    equals greedy exactly.
+    """
+    batch, vocab = logits.shape
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(f"sample: {batch} rows but {len(params)} params, {len(generators)} gens")
+    given = logits
+    logits = logits.float()
+    pen_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if pen_rows:
+        if previous is None:
+            raise ValueError("sample: repetition_penalty needs the previous tokens of each row")
+        if logits is given:  # float() returned the caller's tensor: do not penalise it in place
+            logits = logits.clone()
+        apply_repetition_penalty(
+            logits, pen_rows, [params[r].repetition_penalty for r in pen_rows], previous
+        )
+    out = logits.argmax(dim=-1)  # (B,) greedy for every row; sampled rows are overwritten
+    rand_rows = [r for r, p in enumerate(params) if not p.greedy]
+    if not rand_rows:
+        return out
+
+    device = logits.device
+    index = torch.tensor(rand_rows, dtype=torch.long, device=device)
+    sub = logits.index_select(0, index)  # (R, V)
+    temps = torch.tensor([params[r].temperature for r in rand_rows], device=device)
+    sub = sub / temps.unsqueeze(1)
+    sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)  # (R, V)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)  # (1, V)
+    ks = torch.tensor(
+        [params[r].top_k if params[r].top_k > 0 else vocab for r in rand_rows], device=device
+    )
+    sorted_logits = sorted_logits.masked_fill(ranks >= ks.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # (R, V), descending
+    top_ps = torch.tensor([params[r].top_p for r in rand_rows], device=device).unsqueeze(1)
+    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(before >= top_ps, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (R, V), unnormalised
+    kept = (probs > 0).sum(dim=-1)  # (R,) >= 1
+    draws = torch.stack(
+        [torch.rand((), generator=generators[r], dtype=torch.float64) for r in rand_rows]
+    ).to(device)
+    target = (draws * cdf[:, -1].double()).to(cdf.dtype).unsqueeze(1)  # (R, 1)
+    pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    pos = torch.minimum(pos, kept - 1)
+    picked = sorted_ids.gather(1, pos.unsqueeze(1)).squeeze(1)
+    out.index_copy_(0, index, picked)
+    return out
