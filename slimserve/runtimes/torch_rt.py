@@ -6,16 +6,19 @@ them in a transformers `DynamicCache` *without copying* (the layers are filled b
 not by `update`, which would concatenate onto an empty tensor), and reads the grown tensors
 back. The only per-step work proportional to the cache is the one append HF itself does.
 
-Appends are amortised: a layer's keys and values live in a buffer with spare columns, and the
-state's tensors are views of it. A decode writes its new column in place when the state is the
-newest view of its buffer (so branching from an older state is still correct: it copies),
-otherwise it copies once into a larger buffer. `merge` / `select` make fresh tensors, as the
-base layout says; the next decode gives them headroom again.
+Appends are amortised: decode keeps each layer's keys and values in an `_Arena`, buffers with
+spare columns, and the state's tensors are views of it (`TorchKVState`, a KVState subclass).
+A decode writes its new column in place when its state is the newest one of the arena (so
+decoding twice from one state is still correct: the second one copies), otherwise it copies
+once into a roomier arena (+25%, at least 32 columns, capped at the context length). HF's own
+DynamicCache would `torch.cat` the whole cache at every step instead. `merge` / `select`
+return plain KVStates with fresh tensors, as base.py says; the next decode re-arenas them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 THREADS_ENV = "SLIMSERVE_TORCH_THREADS"
-_GROW_MIN = 32  # spare columns added when a buffer is (re)allocated
+_GROW_MIN = 32  # spare columns (at least) added when an arena is (re)allocated
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -77,51 +80,58 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-class _AppendLayer(DynamicLayer):
-    """A DynamicLayer whose `update` appends into spare buffer columns when it safely can."""
+@dataclass
+class _Arena:
+    """Per-layer key/value buffers (B, H, C, D) with spare columns, shared by the states viewing it.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity_limit: int):
+    `length` is how many columns the newest state covers: only that state may append in place.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    @classmethod
+    def copy_of(cls, state: KVState, capacity: int) -> _Arena:
+        """A new arena holding `state`'s P columns, with room up to `capacity`."""
+        p = state.past_length
+
+        def grow(t: torch.Tensor) -> torch.Tensor:  # (B, H, P, D) -> (B, H, C, D)
+            b, h, _, d = t.shape
+            buf = torch.empty((b, h, capacity, d), dtype=t.dtype, device=t.device)
+            buf[:, :, :p].copy_(t)
+            return buf
+
+        return cls([grow(k) for k in state.keys], [grow(v) for v in state.values], p)
+
+
+@dataclass
+class TorchKVState(KVState):
+    """A KVState whose tensors are views of an `_Arena` (plain KVState fields, same contract)."""
+
+    arena: _Arena | None = None
+
+
+class _ArenaLayer(DynamicLayer):
+    """A DynamicLayer that writes new columns into its arena's buffers instead of concatenating."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: int):
         super().__init__()
         self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values = keys, values
+        self.buf_keys, self.buf_values, self.past = keys, values, past  # (B, H, C, D)
+        self.keys, self.values = keys[:, :, :past], values[:, :, :past]
         self.is_initialized = True
-        self.capacity_limit = capacity_limit
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = _append(self.keys, key_states, self.capacity_limit)
-        self.values = _append(self.values, value_states, self.capacity_limit)
+        end = self.past + key_states.shape[2]
+        self.buf_keys[:, :, self.past : end].copy_(key_states)
+        self.buf_values[:, :, self.past : end].copy_(value_states)
+        self.keys, self.values = self.buf_keys[:, :, :end], self.buf_values[:, :, :end]
         return self.keys, self.values
-
-
-def _append(view: torch.Tensor, new: torch.Tensor, limit: int) -> torch.Tensor:
-    """`cat([view, new], dim=2)` for (B, H, P, D) + (B, H, T, D), in place when safe.
-
-    A buffer (B, H, C, D) records in `_slim_len` how many columns its newest view covers; only
-    that view may write past them. Anything else (no buffer, full buffer, an older view) copies
-    into a new buffer with room for more.
-    """
-    b, h, p, d = view.shape
-    t = new.shape[2]
-    base = view._base
-    if (
-        base is not None
-        and getattr(base, "_slim_len", -1) == p
-        and base.dim() == 4
-        and base.shape[2] >= p + t
-        and base.shape[:2] == (b, h)
-        and view.data_ptr() == base.data_ptr()
-        and view.stride() == base.stride()
-    ):
-        base[:, :, p : p + t].copy_(new)
-        base._slim_len = p + t
-        return base[:, :, : p + t]
-    need = p + t
-    cap = max(need, min(limit, need + max(_GROW_MIN, need // 4)))
-    buf = torch.empty((b, h, cap, d), dtype=view.dtype, device=view.device)
-    buf[:, :, :p].copy_(view)
-    buf[:, :, p:need].copy_(new)
-    buf._slim_len = need
-    return buf[:, :, :need]
 
 
 class TorchRuntime:
@@ -163,10 +173,15 @@ class TorchRuntime:
             raise ValueError(
                 f"decode past the context length {self.info.context_length} (past {state.past_length})"
             )
-        batch = state.batch_size
-        limit = self.info.context_length
+        batch, past = state.batch_size, state.past_length
+        arena = state.arena if isinstance(state, TorchKVState) else None
+        if arena is None or arena.length != past or arena.capacity < past + 1:
+            # No arena, a full one, or an older state of it: copy once into a roomier arena.
+            room = max(_GROW_MIN, past // 4)
+            arena = _Arena.copy_of(state, min(self.info.context_length, past + room))
+        arena.length = past + 1
         cache = DynamicCache()
-        cache.layers = [_AppendLayer(k, v, limit) for k, v in zip(state.keys, state.values)]
+        cache.layers = [_ArenaLayer(k, v, past) for k, v in zip(arena.keys, arena.values)]
         ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
         mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
         out = self.model(
@@ -176,9 +191,10 @@ class TorchRuntime:
             past_key_values=cache,
             use_cache=True,
         )
-        keys = [layer.keys for layer in cache.layers]  # (B, H, P + 1, D)
+        keys = [layer.keys for layer in cache.layers]  # (B, H, P + 1, D) views of the arena
         values = [layer.values for layer in cache.layers]
-        return out.logits[:, -1].float(), KVState(keys, values, mask, state.positions + 1)
+        new_state = TorchKVState(keys, values, mask, state.positions + 1, arena)
+        return out.logits[:, -1].float(), new_state
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
