@@ -37,3 +37,20 @@ format: $(STAMP)  ## ruff format + autofix
 
 clean-artifacts:  ## remove built artifacts (keeps .venv)
 	rm -rf artifacts
+
+.PHONY: dashboard screenshots
+
+dashboard: $(STAMP)  ## the Streamlit dashboard on :8501 (SLIMSERVE_URL = the ingress, default :8000)
+	$(BIN)/streamlit run dashboard/app.py --server.headless true --server.port 8501 \
+		--browser.gatherUsageStats false --client.toolbarMode minimal
+
+screenshots: artifacts  ## regenerate docs/screenshots/ from the browser test (needs chromium)
+	test -x /usr/bin/chromium || test -n "$$SLIMSERVE_CHROMIUM" || \
+		{ echo "no Chromium: apt-get install -y chromium"; exit 1; }
+	SLIMSERVE_SCREENSHOTS=1 SLIMSERVE_E2E_CONFIG=$(CONFIG) SLIMSERVE_E2E_ARTIFACTS=artifacts \
+		$(BIN)/python -m pytest -q tests/dashboard/test_e2e_browser.py
+
+.PHONY: serve
+
+serve: $(STAMP)  ## serve every built variant: OpenAI-compatible API on :8000 (serve_config.yaml)
+	$(BIN)/serve run serve_config.yaml

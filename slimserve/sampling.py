@@ -183,25 +183,36 @@ def sample(
     sub = logits.index_select(0, index)  # (R, V)
     temps = torch.tensor([params[r].temperature for r in rand_rows], device=device)
     sub = sub / temps.unsqueeze(1)
-    sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)  # (R, V)
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)  # (1, V)
-    ks = torch.tensor(
-        [params[r].top_k if params[r].top_k > 0 else vocab for r in rand_rows], device=device
-    )
-    sorted_logits = sorted_logits.masked_fill(ranks >= ks.unsqueeze(1), float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)  # (R, V), descending
-    top_ps = torch.tensor([params[r].top_p for r in rand_rows], device=device).unsqueeze(1)
-    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-    before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(before >= top_ps, 0.0)
-    cdf = probs.cumsum(dim=-1)  # (R, V), unnormalised
-    kept = (probs > 0).sum(dim=-1)  # (R,) >= 1
+    top_ks = [params[r].top_k for r in rand_rows]
+    top_ps = [params[r].top_p for r in rand_rows]
+    if all(k == 0 for k in top_ks) and all(p == 1.0 for p in top_ps):
+        # Plain temperature sampling: no ordering needed, draw over the vocabulary as is.
+        probs = sub.softmax(dim=-1)  # (R, V)
+        order = None
+    else:
+        # Only the top max(k) tokens can be drawn when every row has a top_k: skip a full sort.
+        width = vocab if any(k == 0 for k in top_ks) else min(vocab, max(top_ks))
+        if width == vocab:
+            ranked, order = sub.sort(dim=-1, descending=True)  # (R, V)
+        else:
+            ranked, order = sub.topk(width, dim=-1)  # (R, K), descending
+        ranks = torch.arange(width, device=device).unsqueeze(0)  # (1, K)
+        ks = torch.tensor([k if k > 0 else width for k in top_ks], device=device).unsqueeze(1)
+        probs = ranked.masked_fill(ranks >= ks, float("-inf")).softmax(dim=-1)  # (R, K)
+        if any(p < 1.0 for p in top_ps):
+            # Drop a token when the tokens ranked above it already reach top_p (keeps the first).
+            ps = torch.tensor(top_ps, device=device).unsqueeze(1)
+            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= ps, 0.0)
+    # Inverse CDF with one uniform per row from that row's own generator (CPU, float64).
+    cdf = probs.cumsum(dim=-1)  # (R, K), unnormalised
     draws = torch.stack(
         [torch.rand((), generator=generators[r], dtype=torch.float64) for r in rand_rows]
     ).to(device)
     target = (draws * cdf[:, -1].double()).to(cdf.dtype).unsqueeze(1)  # (R, 1)
-    pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    pos = torch.minimum(pos, kept - 1)
-    picked = sorted_ids.gather(1, pos.unsqueeze(1)).squeeze(1)
-    out.index_copy_(0, index, picked)
+    pos = torch.searchsorted(cdf, target, right=True)  # (R, 1)
+    # Rounding can put the target at the very top: fall back to the last token with mass.
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # (R, 1)
+    pos = torch.minimum(pos, last)
+    picked = pos if order is None else order.gather(1, pos)
+    out.index_copy_(0, index, picked.squeeze(1))
     return out

@@ -1,18 +1,19 @@
 """The PyTorch runtime: any Hugging Face GPT-2 folder, on CPU or CUDA, in fp32 / fp16 / bf16.
 
 Prefill and decode follow `slimserve.runtimes.base` (left padding, attention mask, position ids
-that skip padding). The KV cache crosses the seam as plain per-layer tensors; each decode wraps
-them in a transformers `DynamicCache` *without copying* (the layers are filled by assignment,
-not by `update`, which would concatenate onto an empty tensor), and reads the grown tensors
-back. The only per-step work proportional to the cache is the one append HF itself does.
+that skip padding). The KV cache crosses the seam as plain per-layer (B, H, P, D) tensors.
 
-Appends are amortised: decode keeps each layer's keys and values in an `_Arena`, buffers with
-spare columns, and the state's tensors are views of it (`TorchKVState`, a KVState subclass).
-A decode writes its new column in place when its state is the newest one of the arena (so
-decoding twice from one state is still correct: the second one copies), otherwise it copies
-once into a roomier arena (+25%, at least 32 columns, capped at the context length). HF's own
-DynamicCache would `torch.cat` the whole cache at every step instead. `merge` / `select`
-return plain KVStates with fresh tensors, as base.py says; the next decode re-arenas them.
+Decode hands them to the model through a transformers `DynamicCache` whose layers are set by
+assignment (building one with `DynamicCache(pairs)` would `update`, i.e. concatenate onto an
+empty tensor: a full copy), and HF's own `DynamicLayer.update` would `torch.cat` the whole
+cache again at every step. Instead each layer's keys and values live in an `_Arena`: buffers
+(B, H, C, D) with spare columns, of which the state's tensors are views (`TorchKVState`, a
+KVState subclass). A decode writes its one new column in place when its state is the newest
+one of the arena; otherwise (a fresh prefill, a `merge`/`select` result, a full arena, or a
+second decode from an older state, which stays correct) it copies once into a roomier arena
+(+25%, at least 32 columns, capped at the context length). So per step the cache costs one
+column, not a copy; measured on CPU with a GPT-2-124M-sized model at batch 8, past 400:
+~90 ms/step against ~135-165 ms with per-step concatenation.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def resolve_device(device: str | None) -> torch.device:
     """None picks CUDA when present, else CPU; 'cuda' means the current CUDA device."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
@@ -111,7 +115,11 @@ class _Arena:
 
 @dataclass
 class TorchKVState(KVState):
-    """A KVState whose tensors are views of an `_Arena` (plain KVState fields, same contract)."""
+    """A KVState whose tensors are views of `arena` (plain KVState fields, same contract).
+
+    Build new states with `merge` / `select` (plain KVStates), not `dataclasses.replace`, which
+    would keep the arena while changing the tensors.
+    """
 
     arena: _Arena | None = None
 
@@ -181,7 +189,9 @@ class TorchRuntime:
             arena = _Arena.copy_of(state, min(self.info.context_length, past + room))
         arena.length = past + 1
         cache = DynamicCache()
-        cache.layers = [_ArenaLayer(k, v, past) for k, v in zip(arena.keys, arena.values)]
+        cache.layers = [
+            _ArenaLayer(k, v, past) for k, v in zip(arena.keys, arena.values, strict=True)
+        ]
         ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
         mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
         out = self.model(
@@ -218,9 +228,9 @@ def load(
     """
     folder = Path(folder)
     n_threads = resolve_threads(threads)
-    torch.set_num_threads(n_threads)
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
+    torch.set_num_threads(n_threads)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdtype)
     model.to(dev).eval()
     cfg = model.config

@@ -1,0 +1,173 @@
+"""The Serve application builder: `import_path: deployments.app:build_app` in serve_config.yaml.
+
+At deploy time it reads the catalogue and the artifact store and deploys every variant that
+is built and can run here, one `ModelServer` deployment per variant, behind one `Ingress`.
+Every other variant is still listed by `/v1/models`, with the reason it is not deployed (not
+built, corrupt manifest, disabled, no GPU for TensorRT, runtime package missing). With no
+artifacts at all only the ingress starts, and it answers "not built: run `make artifacts`".
+
+GPUs are counted in the Ray cluster, not in this process (the builder runs in a CPU-only Ray
+task, where CUDA may be hidden): with a GPU, torch / ONNX Runtime / TensorRT variants get a
+fractional `num_gpus` and `device="cuda"`; the same serve_config.yaml works on both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.messages import NOT_BUILT
+from deployments.settings import (
+    INGRESS_NAME,
+    VariantSettings,
+    deployment_options,
+    parse_args,
+    place,
+    resolve,
+    resolve_path,
+)
+from slimserve.artifacts import ArtifactError, ArtifactStore, Manifest
+from slimserve.catalogue import Profile, load_profile
+from slimserve.protocol import ModelCard
+
+log = logging.getLogger("ray.serve")
+
+# What each runtime needs importable on the node (slimserve.runtimes loads them lazily).
+RUNTIME_MODULES = {
+    "torch": ["torch", "slimserve.runtimes.torch_rt"],
+    "onnxruntime": ["onnxruntime", "slimserve.runtimes.onnx_rt"],
+    "tensorrt": ["tensorrt", "slimserve.runtimes.trt_rt"],
+}
+
+
+class VariantPlan(BaseModel):
+    """One catalogue variant: its card, and how to deploy it (None: not deployed)."""
+
+    card: ModelCard
+    options: dict[str, Any] | None = None
+    init: dict[str, Any] | None = None  # ModelServer constructor arguments
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (the builder's own process may see none)."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    from slimserve.hardware import cuda_devices
+
+    return float(cuda_devices())
+
+
+def runtime_missing(runtime: str) -> str | None:
+    """Why a runtime cannot load on this node, or None."""
+    for module in RUNTIME_MODULES.get(runtime, [f"<unknown runtime {runtime}>"]):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"runtime {runtime!r} unavailable here (cannot import {module})"
+    return None
+
+
+def context_length(folder: Path, manifest: Manifest) -> int | None:
+    """n_positions from the folder's HF config.json (torch, and ONNX folders that keep it)."""
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            return int(json.loads(config.read_text())["n_positions"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    value = manifest.details.get("context_length")
+    return int(value) if isinstance(value, int) else None
+
+
+def plan_variant(
+    name: str, profile: Profile, store: ArtifactStore, s: VariantSettings, gpus: float
+) -> VariantPlan:
+    """Decide whether and how one variant is deployed; the card says why when it is not."""
+    v = profile.variants[name]
+    card = ModelCard(id=name, step=v.step, parent=v.from_)
+    try:
+        manifest = store.manifest(name)
+    except ArtifactError as exc:
+        card.reason = f"unavailable: {exc}"
+        return VariantPlan(card=card)
+    if manifest is None:
+        card.reason = NOT_BUILT
+        return VariantPlan(card=card)
+    folder = store.path(name)
+    card.created = int(manifest.created)
+    card.runtime = manifest.runtime
+    card.params_total = manifest.params_total
+    card.params_nonzero = manifest.params_nonzero
+    card.bytes = manifest.bytes
+    card.perplexity = manifest.metrics.perplexity
+    card.agreement = manifest.metrics.agreement
+    card.context_length = context_length(folder, manifest)
+    if not s.enabled:
+        card.reason = f"disabled in serve_config.yaml (args.variants.{name}.enabled: false)"
+        return VariantPlan(card=card)
+    placement = place(manifest.runtime, s, gpus)
+    card.reason = placement.reason or runtime_missing(manifest.runtime)
+    if card.reason is not None:
+        return VariantPlan(card=card)
+    card.deployed = True
+    card.device = placement.device
+    card.replicas = s.replicas or (s.autoscaling.min_replicas if s.autoscaling else 1)
+    init = {
+        "variant": name,
+        "folder": str(folder.resolve()),
+        "device": placement.device,
+        "threads": s.torch_threads,
+        "dtype": s.dtype,
+    }
+    return VariantPlan(card=card, options=deployment_options(s, placement), init=init)
+
+
+def plan(args: dict[str, Any] | None) -> tuple[list[VariantPlan], dict[str, Any]]:
+    """Every variant's plan and the ingress's catalogue, from the builder's args (no Ray)."""
+    settings = parse_args(args)
+    profile = load_profile(resolve_path(settings.config))
+    root = resolve_path(settings.artifacts_dir or profile.artifacts_dir)
+    store = ArtifactStore(root, profile.name)
+    per_variant = resolve(settings, list(profile.variants))
+    if INGRESS_NAME in profile.variants:
+        raise ValueError(f"variant name {INGRESS_NAME!r} is reserved for the ingress deployment")
+    gpus = cluster_gpus()
+    plans = [plan_variant(n, profile, store, per_variant[n], gpus) for n in profile.order()]
+    built = any(p.card.runtime is not None for p in plans)
+    from slimserve.hardware import machine
+
+    catalogue = {
+        "profile": profile.name,
+        "teacher": profile.teacher,
+        "cards": [p.card.model_dump() for p in plans],
+        "message": None if built else NOT_BUILT,
+        "machine": {**machine(), "cluster_gpus": gpus, "artifacts": str(store.dir)},
+        "ingress": settings.ingress.model_dump(),
+    }
+    return plans, catalogue
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve application builder: one deployment per deployable variant, one ingress."""
+    from deployments.model import ModelServer  # torch is imported by model replicas only
+
+    plans, catalogue = plan(args)
+    models = {}
+    for p in plans:
+        if p.options is None or p.init is None:
+            log.info("not deploying %s: %s", p.card.id, p.card.reason)
+            continue
+        models[p.card.id] = ModelServer.options(name=p.card.id, **p.options).bind(**p.init)
+    settings = catalogue.pop("ingress")
+    return Ingress.bind(models, catalogue, settings)

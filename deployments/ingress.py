@@ -1,0 +1,312 @@
+"""The one HTTP ingress: OpenAI-compatible routes, the older `/infer`, and the live `/compare`.
+
+A FastAPI app behind `@serve.ingress`, built per replica by `__serve_build_asgi_app__` so its
+routes and middleware see this replica's settings (the API key, the body cap). Every variant
+is a separate deployment reached through a `DeploymentHandle`; `model` in a request picks it.
+
+Failure mapping (all in the envelope of deployments.errors): a replica's client-fault reply
+-> 400/404; a full queue (Serve's `max_queued_requests`, BackPressureError) -> 503 with
+`Retry-After`; past `request_timeout_s` -> 408 (the replica's work is cancelled); a client
+that disconnects cancels its replica call, which frees the engine's batch slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+from deployments import compare
+from deployments.errors import ApiError, envelope, install
+from deployments.messages import error, job, sampling
+from deployments.middleware import Guard
+from deployments.settings import INGRESS_NAME, IngressSettings
+from deployments.sse import DONE, ChunkFormatter, Kind, frame
+from slimserve.protocol import (
+    CHAT_STOP,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompareRequest,
+    CompareResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    ModelCard,
+    ModelList,
+    Timings,
+    TokenProb,
+    Usage,
+)
+
+log = logging.getLogger("ray.serve")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 503)
+}
+
+
+@serve.deployment(
+    name=INGRESS_NAME,
+    num_replicas=1,
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0.1},
+)
+@serve.ingress()
+class Ingress:
+    """Routes requests to the variant deployments; holds the catalogue cards."""
+
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        catalogue: dict[str, Any],
+        settings: dict[str, Any],
+    ):
+        self.models = models
+        self.settings = IngressSettings.model_validate(settings)
+        self.cards = [ModelCard.model_validate(c) for c in catalogue["cards"]]
+        self.profile: str = catalogue["profile"]
+        self.teacher: str = catalogue["teacher"]
+        self.message: str | None = catalogue.get("message")
+        self.machine: dict[str, Any] = catalogue.get("machine", {})
+        # Read once per replica: a key set in the environment that started Serve.
+        self.api_key = os.environ.get(self.settings.api_key_env) or None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def handle(self, model: str) -> DeploymentHandle:
+        """The deployment serving `model`, or a 404 saying what is deployed (or why not)."""
+        if model in self.models:
+            return self.models[model]
+        deployed = ", ".join(self.models) or "none"
+        card = next((c for c in self.cards if c.id == model), None)
+        if card is not None:
+            msg = f"model {model!r} is not deployed ({card.reason}); deployed: {deployed}"
+        elif not self.models and self.message:
+            msg = f"model {model!r} does not exist; no model is deployed: {self.message}"
+        else:
+            msg = f"model {model!r} does not exist; deployed: {deployed}"
+        raise ApiError(404, msg, param="model")
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    def _left(self, deadline: float) -> float:
+        return max(0.001, deadline - time.monotonic())
+
+    def _timeout(self) -> ApiError:
+        return ApiError(408, f"request timed out after {self.settings.request_timeout_s:g}s")
+
+    async def call(self, make: Callable[[], DeploymentResponse], deadline: float) -> Any:
+        """Await one non-streamed replica call; map Serve's failures to HTTP errors.
+
+        RETRY SEAM (issue 10): `make` issues the call, so a retry of a request whose replica
+        died (RayActorError) can call it again here; streams cannot be retried once started.
+        """
+        response = make()
+        try:
+            result = await asyncio.wait_for(_wait(response), self._left(deadline))
+        except TimeoutError:
+            response.cancel()
+            raise self._timeout() from None
+        except asyncio.CancelledError:  # the client disconnected: stop the replica's work
+            response.cancel()
+            raise
+        except Exception as exc:
+            raise _unavailable(exc) from exc
+        if isinstance(result, dict) and "error" in result:
+            raise ApiError.from_data(result["error"])
+        return result
+
+    async def open_stream(
+        self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float
+    ) -> DeploymentResponseGenerator:
+        """Start a streamed call and wait for its first event, so errors are still HTTP 4xx."""
+        gen = handle.options(stream=True).stream.remote(payload)
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
+        except TimeoutError:
+            gen.cancel()
+            raise self._timeout() from None
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        except Exception as exc:
+            gen.cancel()
+            raise _unavailable(exc) from exc
+        if first["event"] == "error":
+            gen.cancel()
+            raise ApiError.from_data(first["error"])
+        return gen
+
+    async def sse(
+        self, gen: DeploymentResponseGenerator, fmt: ChunkFormatter, deadline: float
+    ) -> AsyncIterator[str]:
+        """The SSE body: frames until the replica ends, then `[DONE]`. Leaving early (client
+        gone, timeout, error) cancels the replica's generation."""
+        finished = False
+        try:
+            for f in fmt.opening():
+                yield f
+            while True:
+                try:
+                    event = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
+                except StopAsyncIteration:
+                    break
+                for f in fmt.feed(event):
+                    yield f
+            finished = True
+        except TimeoutError:
+            yield frame(self._timeout().payload())
+        except Exception as exc:  # mid-stream: the status line is gone, send an error frame
+            log.exception("stream failed for %s", fmt.model)
+            yield frame(envelope(error(500, f"generation failed: {type(exc).__name__}")))
+        finally:
+            if not finished:
+                gen.cancel()
+        yield DONE
+
+    async def generation(
+        self, kind: Kind, body: CompletionRequest | ChatCompletionRequest
+    ) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
+        deadline = self.deadline()
+        handle = self.handle(body.model)
+        if isinstance(body, ChatCompletionRequest):
+            payload = job(body.prompt_text(), sampling(body, [CHAT_STOP]), body.n)
+        else:
+            payload = job(body.prompt, sampling(body), body.n)
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            gen = await self.open_stream(handle, payload, deadline)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            fmt = ChunkFormatter(kind, rid, body.model, body.n, usage)
+            return StreamingResponse(
+                self.sse(gen, fmt, deadline),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        result = await self.call(lambda: handle.generate.remote(payload), deadline)
+        usage, timings = Usage(**result["usage"]), Timings(**result["timings"])
+        if kind == "chat":
+            chat = [
+                ChatChoice(
+                    index=c["index"],
+                    message=ChatMessageOut(content=c["text"]),
+                    finish_reason=c["finish_reason"],
+                )
+                for c in result["choices"]
+            ]
+            return ChatCompletionResponse(
+                id=rid, model=body.model, choices=chat, usage=usage, timings=timings
+            )
+        choices = [
+            CompletionChoice(index=c["index"], text=c["text"], finish_reason=c["finish_reason"])
+            for c in result["choices"]
+        ]
+        return CompletionResponse(
+            id=rid, model=body.model, choices=choices, usage=usage, timings=timings
+        )
+
+    async def infer(self, body: InferRequest) -> InferResponse:
+        t0 = time.perf_counter()
+        name = body.model or (self.teacher if self.teacher in self.models else None)
+        name = name or next(iter(self.models), self.teacher)
+        handle = self.handle(name)
+        result = await self.call(
+            lambda: handle.next_token.remote(body.prompt, body.top_k, body.max_new_tokens),
+            self.deadline(),
+        )
+        top = [TokenProb(**t) for t in result["top_k"]]
+        return InferResponse(
+            model=name,
+            next_token=top[0],
+            top_k=top,
+            continuation=result["continuation"],
+            latency_ms=(time.perf_counter() - t0) * 1000,
+        )
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=self.cards, profile=self.profile, message=self.message)
+
+
+async def _wait(response: DeploymentResponse) -> Any:
+    return await response
+
+
+def _unavailable(exc: Exception) -> Exception:
+    """Serve's overload / failure exceptions as 503s; anything else stays a 500."""
+    if isinstance(exc, BackPressureError):
+        retry = max(1, math.ceil(exc.retry_after_s or 1))
+        return ApiError(
+            503,
+            f"server overloaded: {exc.message} Retry later.",
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, DeploymentUnavailableError | RayActorError):
+        return ApiError(503, f"model unavailable ({type(exc).__name__}); retry later")
+    return exc
+
+
+def create_app(ing: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica (docs at /docs)."""
+    app = FastAPI(
+        title="slimserve",
+        description=(
+            "Every built variant of the catalogue behind one OpenAI-compatible API. "
+            "`model` picks the variant; `GET /v1/models` lists them."
+        ),
+        version="0.1.0",
+    )
+    install(app)
+    app.add_middleware(Guard, api_key=ing.api_key, max_body_bytes=ing.settings.max_body_bytes)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(body: CompletionRequest) -> Any:
+        """OpenAI completions; `stream: true` answers Server-Sent Events ending in [DONE]."""
+        return await ing.generation("completion", body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        """OpenAI chat completions over the documented template (slimserve.protocol)."""
+        return await ing.generation("chat", body)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> ModelList:
+        """Every catalogue variant: facts, metrics, and whether (or why not) it is deployed."""
+        return ing.model_list()
+
+    @app.post("/infer", response_model=InferResponse, responses=ERRORS)
+    async def infer(body: InferRequest) -> InferResponse:
+        """The older projects' API: top-k next tokens and an optional greedy continuation."""
+        return await ing.infer(body)
+
+    @app.post("/compare", response_model=CompareResponse, responses=ERRORS)
+    async def compare_route(body: CompareRequest) -> CompareResponse:
+        """Run variants one after another on one prompt; timings, speedup and agreement."""
+        return await compare.run(ing, body)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness of the ingress (no API key needed) and the deployed variants."""
+        return {"status": "ok", "profile": ing.profile, "deployed": list(ing.models)}
+
+    return app

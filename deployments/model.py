@@ -1,0 +1,322 @@
+"""One Ray Serve deployment class for every variant: `ModelServer.options(name=<variant>)`.
+
+A replica loads one artifact folder with the runtime its manifest names and wraps it in the
+`slimserve.engine.Engine`, which does continuous batching: every request a replica accepts
+(up to `max_ongoing_requests`) joins the running batch at the next decode step. The replica
+itself adds only what Serve needs: methods the ingress calls through handles, health checks,
+live batch settings (`reconfigure`) and per-variant metrics. Client faults come back as data
+(`deployments.messages`), so the ingress can answer 4xx before it starts a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import serve
+
+from deployments.messages import error
+from deployments.metrics import VariantMetrics
+from slimserve import runtimes
+from slimserve.artifacts import ArtifactError, read_manifest
+from slimserve.engine import Engine, EngineConfig, QueueFullError, RequestStream, StreamChunk
+from slimserve.sampling import ParameterError, SamplingParams
+from slimserve.tokenizer import load_tokenizer
+
+log = logging.getLogger("ray.serve")
+
+Event = dict[str, Any]
+
+
+@serve.deployment(name="model")
+class ModelServer:
+    """A replica of one variant. Methods are called by the ingress through a handle."""
+
+    def __init__(
+        self, variant: str, folder: str, device: str, threads: int, dtype: str | None = None
+    ):
+        self.variant = variant
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.artifact_hash = manifest.artifact_hash
+        # threads is explicit: a fractional-CPU replica would otherwise get one thread by
+        # accident or every core of the node (torch's default).
+        self.runtime = runtimes.load(self.folder, device=device, dtype=dtype, threads=threads)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.metrics = VariantMetrics(variant)
+        self._internal: set[int] = set()  # engine request ids of health checks (not metered)
+        self.engine = Engine(
+            self.runtime,
+            self.tokenizer,
+            EngineConfig(),
+            on_step=lambda info: self.metrics.on_step(info, self.engine.stats()),
+            on_finish=self._on_finish,
+        )
+        self._open = asyncio.Event()  # admission gate; cleared only by `hold`
+        self._open.set()
+        self._held_until = 0.0
+        log.info(
+            "%s: loaded %s on %s", variant, self.runtime.info.runtime, self.runtime.info.device
+        )
+
+    # -- Serve hooks ------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live batch settings from `user_config` (max_batch_size, max_wait_ms, max_queue).
+
+        The engine reads its config at every step, so a new batch size applies at once.
+        """
+        self.engine.config = EngineConfig(**user_config)
+
+    async def check_health(self) -> None:
+        """Raise (so Serve replaces this replica) when the model cannot serve.
+
+        Runs the model on one token through the engine (so a dead scheduler fails too), and
+        fails when the artifact on disk was rebuilt or removed since this replica loaded it:
+        the replacement replica then loads the new files.
+        """
+        try:
+            current = read_manifest(self.folder).artifact_hash
+        except ArtifactError as exc:
+            raise RuntimeError(f"{self.variant}: artifact unreadable: {exc}") from exc
+        if current != self.artifact_hash:
+            raise RuntimeError(
+                f"{self.variant}: artifact rebuilt on disk since this replica loaded"
+            )
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        try:
+            stream = self.engine.stream([self.tokenizer.eos_token_id], params)
+        except QueueFullError:
+            return  # busy serving is healthy
+        self._internal.add(stream.request_id)
+        async with stream:
+            async for _ in stream:
+                pass
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def stream(self, job: dict[str, Any]) -> AsyncIterator[Event]:
+        """Streaming generation (call with `handle.options(stream=True)`); see messages.py."""
+        async for event in self._run(job):
+            yield event
+
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Non-streamed generation: `{"choices", "usage", "timings", "prompt_ids"}` or
+        `{"error"}`."""
+        choices: dict[int, dict[str, Any]] = {}
+        result: dict[str, Any] = {}
+        async for event in self._run(job):
+            kind = event["event"]
+            if kind == "error":
+                return {"error": event["error"]}
+            if kind == "delta":
+                c = choices.setdefault(event["index"], {"text": "", "token_ids": []})
+                c["text"] += event["text"]
+                c["token_ids"] += event["token_ids"]
+                c["finish_reason"] = event["finish_reason"]
+            elif kind in ("start", "end"):
+                result.update({k: v for k, v in event.items() if k != "event"})
+        result["choices"] = [{"index": i, **choices[i]} for i in sorted(choices)]
+        return result
+
+    async def _run(self, job: dict[str, Any]) -> AsyncIterator[Event]:
+        n = int(job.get("n", 1))
+        try:
+            base = SamplingParams(**job["params"])
+        except ParameterError as exc:
+            yield {"event": "error", "error": error(400, str(exc), param=exc.param)}
+            return
+        except TypeError as exc:  # an unknown field: the ingress never sends one
+            yield {"event": "error", "error": error(400, str(exc))}
+            return
+        await self._open.wait()  # `hold`: cancellable while waiting
+        streams: list[RequestStream] = []
+        try:
+            try:
+                for i in range(n):
+                    seed = None if base.seed is None else base.seed + i  # n distinct samples
+                    params = dataclasses.replace(base, seed=seed, stop=list(base.stop))
+                    streams.append(self.engine.stream(job["prompt"], params))
+            except ParameterError as exc:
+                yield {"event": "error", "error": error(400, str(exc), param=exc.param)}
+                return
+            except QueueFullError as exc:
+                msg = f"{self.variant} is overloaded ({exc}); retry later"
+                yield {"event": "error", "error": error(503, msg, headers={"Retry-After": "1"})}
+                return
+            start: Event = {"event": "start", "prompt_tokens": streams[0].prompt_tokens}
+            if job.get("return_prompt_ids"):
+                start["prompt_ids"] = self._prompt_ids(job["prompt"])
+            yield start
+            async for index, chunk in _merge(streams):
+                if chunk.text or chunk.finish_reason is not None:
+                    yield {
+                        "event": "delta",
+                        "index": index,
+                        "text": chunk.text,
+                        "token_ids": chunk.token_ids,
+                        "finish_reason": chunk.finish_reason,
+                    }
+            yield {"event": "end", **_summary(streams)}
+        finally:
+            for s in streams:  # client gone or timed out: free the batch slots now
+                s.cancel()
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    # -- scoring: /infer and /compare -----------------------------------------------------------
+
+    async def next_token(self, prompt: str, top_k: int, max_new_tokens: int) -> dict[str, Any]:
+        """The older API: next-token distribution (top-k) and an optional greedy continuation."""
+        ids = self.tokenizer.encode(prompt)
+        ctx = self.runtime.info.context_length
+        if not ids:
+            return {"error": error(400, "prompt encodes to no tokens", param="prompt")}
+        if len(ids) + max_new_tokens > ctx:
+            msg = (
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the context length ({ctx})"
+            )
+            return {"error": error(400, msg, param="max_new_tokens")}
+        await self._open.wait()
+        logits = await asyncio.to_thread(self._scores, ids)  # (T, V)
+        probs = logits[-1].softmax(-1)
+        top = probs.topk(min(top_k, probs.shape[0]))
+        tokens = [
+            {"id": int(i), "text": self.tokenizer.token_text(int(i)), "prob": float(p)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+        continuation = None
+        if max_new_tokens > 0:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+            try:
+                continuation = (await self.engine.generate(ids, params)).text
+            except QueueFullError as exc:
+                return {"error": error(503, f"{self.variant} is overloaded ({exc})")}
+        return {"top_k": tokens, "continuation": continuation}
+
+    async def top1(self, prompt_ids: list[int], token_ids: list[int]) -> list[int]:
+        """This model's greedy pick at each generated position of someone else's output.
+
+        Position i predicts token_ids[i] from prompt_ids + token_ids[:i]; /compare counts how
+        often a variant's tokens equal the teacher's picks (top-1 agreement).
+        """
+        if not token_ids:
+            return []
+        ids = list(prompt_ids) + list(token_ids[:-1])
+        logits = await asyncio.to_thread(self._scores, ids)  # (P + n - 1, V)
+        start = len(prompt_ids) - 1
+        return logits[start:].argmax(-1).tolist()
+
+    def _scores(self, ids: list[int]) -> torch.Tensor:
+        """Full-sequence logits (T, V) on a worker thread.
+
+        torch modules and ONNX Runtime sessions accept concurrent inference calls, so this may
+        overlap an engine step; a runtime that does not (a TensorRT execution context) needs
+        the engine's worker thread instead (noted in the README as unverified on GPU).
+        """
+        ctx = self.runtime.info.context_length
+        with torch.inference_mode():
+            return self.runtime.score(torch.tensor([ids[-ctx:]], dtype=torch.long))[0].float()
+
+    # -- operations -------------------------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        """What this replica runs (for /v1/models, /compare and tests)."""
+        ctx = serve.get_replica_context()
+        return {
+            "variant": self.variant,
+            "replica": ctx.replica_tag,
+            "runtime": dataclasses.asdict(self.runtime.info),
+            "engine": dataclasses.asdict(self.engine.config),
+            "artifact_hash": self.artifact_hash,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """Engine counters (running, waiting, cancelled, tokens) and the admission gate."""
+        return {
+            **dataclasses.asdict(self.engine.stats()),
+            "held_s": max(0.0, self._held_until - time.monotonic()),
+        }
+
+    async def hold(self, seconds: float) -> None:
+        """Stop admitting new requests for `seconds` (running ones continue).
+
+        An operator drill: it shows what clients see when a replica is saturated (requests
+        pile up to `max_ongoing_requests`, then to the queue limit, then HTTP 503) or slow
+        (HTTP 408), without needing a machine busy enough to produce it.
+        """
+        seconds = max(0.0, min(float(seconds), 600.0))
+        self._open.clear()
+        self._held_until = time.monotonic() + seconds
+        asyncio.get_running_loop().call_later(seconds, self._release)
+
+    def _release(self) -> None:
+        if time.monotonic() >= self._held_until - 1e-3:
+            self._open.set()
+
+    def _on_finish(self, m: Any) -> None:
+        if m.request_id in self._internal:
+            self._internal.discard(m.request_id)
+            return
+        self.metrics.on_finish(m, self.engine.stats())
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamChunk]]:
+    """Chunks of several streams (n > 1 choices) as they come, tagged with their index."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, StreamChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for chunk in s:
+                queue.put_nowait((i, chunk))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _summary(streams: list[RequestStream]) -> dict[str, Any]:
+    """Usage and server-side timings of finished streams (n choices: the slowest one)."""
+    done = [s.completion() for s in streams]
+    completion_tokens = sum(c.completion_tokens for c in done)
+    e2e = max(c.timings.e2e_s for c in done)
+    return {
+        "usage": {
+            "prompt_tokens": done[0].prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": done[0].prompt_tokens + completion_tokens,
+        },
+        "timings": {
+            "queue_s": min(c.timings.queue_s for c in done),
+            "ttft_s": min(c.timings.ttft_s for c in done),
+            "e2e_s": e2e,
+            "tokens_per_s": completion_tokens / e2e if e2e > 0 else 0.0,
+        },
+    }

@@ -1,0 +1,256 @@
+"""The `args:` of `serve_config.yaml`, validated at the edge (pydantic), and what they decide.
+
+Per-variant settings live in the builder's args, not under Ray's `deployments:` list: Ray
+rejects a `deployments:` entry for a deployment the builder did not create (a variant that is
+not built), and a YAML `ray_actor_options` replaces the code's dict instead of merging into it.
+
+`args.defaults` applies to every variant; `args.variants.<name>` overrides it key by key.
+`parse_args(args)` and `resolve(settings, names)` raise one `SettingsError` naming every bad
+field. Two rules keep Serve from undoing the engine's work:
+
+* `max_ongoing_requests >= 2 * max_batch_size`: Serve stops sending a replica requests at
+  `max_ongoing_requests` (default 5), so a smaller value caps the continuous batch; twice the
+  batch lets a full batch run while the next one waits inside the replica for a free slot.
+* fractional `num_cpus` (2-core machines fit several replicas) with torch threads set
+  explicitly: a replica with `num_cpus: 0.25` would otherwise get one thread by accident or
+  every core by default.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+INGRESS_NAME = "Ingress"
+"""Deployment name of the ingress: the only entry `serve_config.yaml` lists under deployments."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SettingsError(ValueError):
+    """Bad `args` in serve_config.yaml; the message names every bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class AutoscalingSettings(Strict):
+    """Serve autoscaling for one variant (instead of a fixed replica count)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(2, ge=1, le=1024)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="per replica (None = max_batch_size: scale when batches fill)"
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class VariantSettings(Strict):
+    """How one variant is deployed: replicas, resources, batching and limits."""
+
+    enabled: bool = Field(True, description="false: listed by /v1/models but not deployed")
+    replicas: int | None = Field(None, ge=1, le=1024, description="fixed count (None = 1)")
+    autoscaling: AutoscalingSettings | None = Field(None, description="instead of replicas")
+    num_cpus: float = Field(0.2, gt=0, le=1024, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.25, ge=0, le=64, description="GPU share per replica on a GPU")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = a GPU when the Ray cluster has one (and num_gpus > 0)"
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="torch variants only (None = fp32 on CPU, fp16 on GPU)"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch / ORT intra-op threads (None = max(1, num_cpus))"
+    )
+    max_batch_size: int = Field(8, ge=1, le=1024, description="rows decoded together")
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="idle engine waits for company")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, le=100_000, description="per replica (None = 2 × max_batch_size)"
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, le=1_000_000, description="queue limit per caller; past it HTTP 503"
+    )
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After on 503")
+    health_check_period_s: float = Field(10.0, gt=0, le=3600)
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VariantSettings:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("replicas: give either replicas or autoscaling, not both")
+        if self.ongoing < 2 * self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests: must be >= 2 × max_batch_size "
+                f"({2 * self.max_batch_size}), got {self.ongoing} (it would cap batching)"
+            )
+        return self
+
+    @property
+    def ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, math.floor(self.num_cpus))
+
+
+class IngressSettings(Strict):
+    """The one HTTP ingress (FastAPI) in front of every variant."""
+
+    request_timeout_s: float = Field(
+        240.0, gt=0, le=3600, description="-> 408; keep below http_options.request_timeout_s"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="larger -> 413")
+    api_key_env: str = Field(
+        "SLIMSERVE_API_KEY", min_length=1, description="env var holding the bearer key, if set"
+    )
+    compare_warmup_tokens: int = Field(4, ge=1, le=64, description="untimed warm-up per variant")
+
+
+class AppSettings(Strict):
+    """`applications[].args` of serve_config.yaml."""
+
+    config: str = Field("configs/tiny.yaml", description="the profile (catalogue) file")
+    artifacts_dir: str | None = Field(None, description="override the profile's artifacts_dir")
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    defaults: dict[str, Any] = Field(default_factory=dict, description="VariantSettings fields")
+    variants: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, description="per-variant overrides of defaults"
+    )
+
+
+def _lines(exc: ValidationError, prefix: str) -> list[str]:
+    """One 'args.field: message' line per pydantic error."""
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc and ": " in msg:  # a model-level rule that names its field first
+            field, msg = msg.split(": ", 1)
+            loc = [field]
+        out.append(f"{'.'.join([prefix, *loc])}: {msg}")
+    return out
+
+
+def parse_args(args: dict[str, Any] | None) -> AppSettings:
+    """Validate the top level and `defaults`; per-variant problems come from `resolve`."""
+    raw = args or {}
+    problems: list[str] = []
+    settings = None
+    try:
+        settings = AppSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems += _lines(exc, "args")
+    if isinstance(raw, dict) and isinstance(raw.get("defaults"), dict):
+        try:
+            VariantSettings.model_validate(raw["defaults"])
+        except ValidationError as exc:
+            problems += _lines(exc, "args.defaults")
+    if problems or settings is None:
+        raise SettingsError(_message(problems))
+    return settings
+
+
+def resolve(settings: AppSettings, names: list[str]) -> dict[str, VariantSettings]:
+    """Each catalogue variant's settings (defaults, then its overrides); unknown names fail."""
+    problems = [
+        f"args.variants.{name}: no such variant in the profile (have: {', '.join(names)})"
+        for name in settings.variants
+        if name not in names
+    ]
+    out: dict[str, VariantSettings] = {}
+    for name in names:
+        override = settings.variants.get(name) or {}
+        try:
+            out[name] = VariantSettings.model_validate({**settings.defaults, **override})
+        except ValidationError as exc:
+            # Defaults passed alone, so every problem here comes from this variant's override.
+            problems += _lines(exc, f"args.variants.{name}")
+    if problems:
+        raise SettingsError(_message(problems))
+    return out
+
+
+def _message(lines: list[str]) -> str:
+    return f"serve_config.yaml args: {len(lines)} problem(s)\n  " + "\n  ".join(lines)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths as given; relative ones against the working directory when they exist
+    there, else against the project root (a Ray worker may not start in the project folder)."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path.cwd() / p) if (Path.cwd() / p).exists() else (PROJECT_ROOT / p)
+
+
+class Placement(BaseModel):
+    """Where a variant's replicas run, or why it cannot run here."""
+
+    device: Literal["cpu", "cuda"] | None
+    num_gpus: float = 0.0
+    reason: str | None = None
+
+
+def place(runtime: str, s: VariantSettings, cluster_gpus: float) -> Placement:
+    """GPU (a fractional share) when the cluster has one and the settings allow it, else CPU.
+
+    TensorRT runs only on a GPU; torch and ONNX Runtime run on either.
+    """
+    wants_gpu = s.device == "cuda" or (s.device == "auto" and s.num_gpus > 0)
+    if s.device == "cuda" and s.num_gpus <= 0:
+        return Placement(device=None, reason="device: cuda needs num_gpus > 0")
+    if wants_gpu and cluster_gpus > 0:
+        return Placement(device="cuda", num_gpus=s.num_gpus)
+    if runtime == "tensorrt":
+        why = "device: cpu" if s.device == "cpu" else "no GPU in the Ray cluster"
+        return Placement(device=None, reason=f"TensorRT needs an NVIDIA GPU ({why})")
+    if s.device == "cuda":
+        return Placement(device=None, reason="device: cuda, but the Ray cluster has no GPU")
+    return Placement(device="cpu")
+
+
+def deployment_options(s: VariantSettings, placement: Placement) -> dict[str, Any]:
+    """`Deployment.options(...)` for one variant (Ray Serve names)."""
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.ongoing,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": placement.num_gpus},
+        "user_config": engine_config(s),
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+    }
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": max(1, a.min_replicas),
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests or s.max_batch_size,
+        }
+    else:
+        opts["num_replicas"] = s.replicas or 1
+    return opts
+
+
+def engine_config(s: VariantSettings) -> dict[str, Any]:
+    """The replica's `user_config` (live-reconfigurable batching); the engine's own queue
+    never binds before Serve's `max_ongoing_requests` does."""
+    return {
+        "max_batch_size": s.max_batch_size,
+        "max_wait_ms": s.max_wait_ms,
+        "max_queue": s.ongoing,
+    }

@@ -1,0 +1,267 @@
+"""The ONNX Runtime runtime: a `model.onnx` with the KV cache, on CPU or CUDA.
+
+The graph (written by `build_engines.onnx_export`) is one graph for prefill and decode:
+
+* inputs  `input_ids` (B, T) int64, `attention_mask` (B, P + T) int64, `position_ids` (B, T)
+  int64, `past_key_values.{i}.key` / `.value` (B, H, P, D) float32, where P may be 0;
+* outputs `logits` (B, T, V) float32, `present.{i}.key` / `.value` (B, H, P + T, D) float32.
+
+That is exactly `slimserve.runtimes.base`'s layout, so prefill feeds an empty past and decode
+feeds the state's tensors back. On CPU the numpy views of torch tensors go in and ORT's numpy
+outputs come back wrapped with `torch.from_numpy` (no copies on either side). On CUDA (when
+`onnxruntime-gpu` provides 'CUDAExecutionProvider') inputs and outputs are torch CUDA tensors
+bound with I/O binding on torch's current stream: without it, logits and the whole cache would
+cross PCIe every step.
+
+This module reads `config.json` as plain JSON and never imports transformers, so an ONNX
+replica loads only onnxruntime, torch tensors and `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+
+SIDECAR = "onnx.json"  # {"model": "model.onnx", "precision": "float32" | "int8", ...}
+THREADS_ENVS = ("SLIMSERVE_ORT_THREADS", "SLIMSERVE_TORCH_THREADS")
+_NP_TYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in order (shared with the exporter and TensorRT)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Explicit value, else $SLIMSERVE_ORT_THREADS / $SLIMSERVE_TORCH_THREADS, else every CPU."""
+    if threads is None:
+        for env in THREADS_ENVS:
+            raw = os.environ.get(env)
+            if raw:
+                try:
+                    threads = int(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{env} must be an integer, got {raw!r}") from exc
+                break
+        else:
+            threads = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+def read_model_config(folder: Path) -> dict[str, int]:
+    """n_layer / n_head / n_embd / n_positions / vocab_size from a GPT-2 `config.json`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (an ONNX artifact carries its parent's)")
+    cfg = json.loads(path.read_text())
+    try:
+        return {
+            k: int(cfg[k]) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+        }
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a GPT-2 config (missing {exc})") from exc
+
+
+def read_sidecar(folder: Path) -> dict[str, Any]:
+    """What the build step recorded about the graph; defaults for a bare `model.onnx`."""
+    path = folder / SIDECAR
+    meta: dict[str, Any] = {"model": "model.onnx", "precision": "float32"}
+    if path.is_file():
+        meta.update(json.loads(path.read_text()))
+    return meta
+
+
+def resolve_device(device: str | None) -> str:
+    """None = CUDA when onnxruntime-gpu and a GPU are both there, else CPU."""
+    has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device is None:
+        return "cuda:0" if has_cuda_ep and torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not has_cuda_ep:
+        raise ValueError(
+            f"device {device!r} requested but onnxruntime has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu)"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
+    return f"cuda:{dev.index or 0}"
+
+
+class OnnxRuntime:
+    """An ORT session behind the `Runtime` protocol (see base.py for shapes)."""
+
+    def __init__(self, session: ort.InferenceSession, info: RuntimeInfo):
+        self.session = session
+        self.info = info
+        self.device = torch.device(info.device)
+        self.input_names, self.output_names = io_names(info.num_layers)
+        self._past_names = self.input_names[3:]
+        missing = set(self.input_names) - {i.name for i in session.get_inputs()}
+        if missing:
+            raise ValueError(f"ONNX graph lacks the KV-cache inputs {sorted(missing)}")
+
+    # -- one forward pass -----------------------------------------------------------------------
+
+    def _forward(
+        self,
+        ids: torch.Tensor,  # (B, T) int64
+        mask: torch.Tensor,  # (B, P + T) int64
+        positions: torch.Tensor,  # (B, T) int64
+        keys: list[torch.Tensor],  # per layer (B, H, P, D)
+        values: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """[logits (B, T, V), present.0.key, present.0.value, ...] as torch tensors."""
+        past: list[torch.Tensor] = []
+        for k, v in zip(keys, values, strict=True):
+            past += [k, v]
+        inputs = [ids, mask, positions, *past]
+        if self.device.type == "cuda":
+            return self._forward_cuda(inputs)
+        feeds = {
+            name: t.contiguous().numpy() for name, t in zip(self.input_names, inputs, strict=True)
+        }
+        return [torch.from_numpy(a) for a in self.session.run(self.output_names, feeds)]
+
+    def _forward_cuda(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """I/O binding: inputs and preallocated outputs stay torch CUDA tensors (no host trips)."""
+        b, t = inputs[0].shape
+        total = inputs[1].shape[1]
+        h, d = self.info.num_heads, self.info.head_dim
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        for name, tensor in zip(self.input_names, inputs, strict=True):
+            tensor = tensor.to(self.device).contiguous()
+            binding.bind_input(
+                name, "cuda", index, _NP_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+            )
+        shapes = [(b, t, self.info.vocab_size)] + [(b, h, total, d)] * (2 * self.info.num_layers)
+        outputs = [torch.empty(s, dtype=torch.float32, device=self.device) for s in shapes]
+        for name, tensor in zip(self.output_names, outputs, strict=True):
+            binding.bind_output(
+                name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr()
+            )
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+    def _empty_past(self, batch: int) -> list[torch.Tensor]:
+        h, d = self.info.num_heads, self.info.head_dim
+        return [
+            torch.zeros((batch, h, 0, d), dtype=torch.float32, device=self.device)
+            for _ in range(self.info.num_layers)
+        ]
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
+        ids, mask = left_pad(seqs)  # (B, T) each
+        if ids.shape[1] > self.info.context_length:
+            raise ValueError(
+                f"prompt of {ids.shape[1]} tokens exceeds context length {self.info.context_length}"
+            )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        empty = self._empty_past(len(seqs))
+        out = self._forward(ids, mask, position_ids_from_mask(mask), empty, empty)
+        state = KVState(list(out[1::2]), list(out[2::2]), mask, mask.sum(dim=1))
+        return out[0][:, -1], state  # left padding: every row's last real token is column -1
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
+        if state.past_length + 1 > self.info.context_length:
+            raise ValueError(
+                f"decode past the context length {self.info.context_length} "
+                f"(past {state.past_length})"
+            )
+        batch = state.batch_size
+        ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
+        mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
+        ids = tokens.to(self.device, torch.long).view(batch, 1)
+        out = self._forward(ids, mask, state.positions.view(batch, 1), state.keys, state.values)
+        new_state = KVState(list(out[1::2]), list(out[2::2]), mask, state.positions + 1)
+        return out[0][:, -1], new_state
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device, torch.long)
+        batch, length = ids.shape
+        if length > self.info.context_length:
+            raise ValueError(f"{length} tokens exceed context length {self.info.context_length}")
+        mask = torch.ones_like(ids)
+        positions = torch.arange(length, device=self.device).expand(batch, length)
+        empty = self._empty_past(batch)
+        return self._forward(ids, mask, positions, empty, empty)[0]  # (B, T, V)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Sequential execution, `threads` intra-op threads, every graph optimisation on."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    return so
+
+
+def load(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    **_ignored: Any,
+) -> OnnxRuntime:
+    """Load an ONNX artifact folder (`model.onnx` or the sidecar's file, plus `config.json`).
+
+    device: "cpu", "cuda", "cuda:N" or None (CUDA when onnxruntime-gpu and a GPU are present).
+    threads: ORT intra-op threads (None: $SLIMSERVE_ORT_THREADS, $SLIMSERVE_TORCH_THREADS, else
+    os.cpu_count()). Other keyword arguments (dtype) are ignored: the precision is the graph's.
+    """
+    folder = Path(folder)
+    cfg = read_model_config(folder)
+    meta = read_sidecar(folder)
+    path = folder / meta["model"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {meta['model']}")
+    n_threads = resolve_threads(threads)
+    dev = resolve_device(device)
+    if dev == "cpu":
+        providers: list[Any] = ["CPUExecutionProvider"]
+    else:
+        opts = {"device_id": str(torch.device(dev).index or 0)}
+        opts["user_compute_stream"] = str(torch.cuda.current_stream(dev).cuda_stream)
+        providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), session_options(n_threads), providers=providers)
+    info = RuntimeInfo(
+        runtime="onnxruntime",
+        context_length=cfg["n_positions"],
+        vocab_size=cfg["vocab_size"],
+        device=dev,
+        dtype=str(meta["precision"]),
+        num_layers=cfg["n_layer"],
+        num_heads=cfg["n_head"],
+        head_dim=cfg["n_embd"] // cfg["n_head"],
+        threads=n_threads,
+        extra={
+            "file": meta["model"],
+            "providers": ",".join(session.get_providers()),
+            "graph": str(meta.get("graph", "standard")),
+            "folder": str(folder),
+        },
+    )
+    return OnnxRuntime(session, info)

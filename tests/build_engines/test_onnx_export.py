@@ -1,0 +1,279 @@
+"""export-onnx on a tiny GPT-2: checker, KV-cache graph, parity, tied embedding, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from build_engines.onnx_export import MODEL_FILE, OnnxCheckError, check_onnx, export_folder, run
+from build_engines.parity import ParityError, check_parity, prompt_ids
+from slimserve.artifacts import ArtifactError, Manifest, read_manifest, write_manifest
+from slimserve.runner import StepResult, count_safetensors
+from slimserve.steps import ExportOnnxParams
+from slimserve.tokenizer import save_hf_tokenizer, train_bpe
+
+CONTEXT = 64
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "token",
+    "cache",
+    "batch",
+    "list",
+    "number",
+    "items",
+    "return",
+    "parse",
+    "command",
+    "line",
+    "def",
+    "main",
+]
+
+
+def make_torch_artifact(folder: Path, seed: int = 0, n_embd: int = 32) -> Path:
+    """A 2-layer GPT-2 (tied embedding), its tokenizer and a manifest with runtime "torch".
+
+    Biases and LayerNorms are randomised too, so a dropped bias or a mis-wired LayerNorm in
+    the graph shows up as a parity failure (fresh GPT-2 init has them at 0 / 1).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]
+    tok = train_bpe(texts, vocab_size=300)
+    save_hf_tokenizer(tok, folder, CONTEXT)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=n_embd,
+        vocab_size=tok.get_vocab_size(),
+        n_positions=CONTEXT,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,  # peaked logits: greedy ties are implausible
+    )
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    write_manifest(
+        folder,
+        Manifest(
+            variant="student",
+            profile="test",
+            step="distill",
+            parent="teacher",
+            runtime="torch",
+            config_hash="c",
+            parent_hash=None,
+        ),
+    )
+    return folder
+
+
+def fake_ctx(parent: Path, out: Path, params, block_size: int = CONTEXT) -> SimpleNamespace:
+    """The parts of a StepContext the compile steps read (data = random test blocks)."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = json.loads((parent / "config.json").read_text())["vocab_size"]
+
+    def blocks(split: str, block: int, max_tokens: int | None = None) -> torch.Tensor:
+        n = max(1, (max_tokens or 16 * block) // block)
+        return torch.randint(0, vocab, (n, block), generator=gen)
+
+    out.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(
+        variant="student-onnx",
+        params=params,
+        parent_dir=parent,
+        out_dir=out,
+        profile=SimpleNamespace(block_size=block_size, eval=SimpleNamespace(max_tokens=2048)),
+        data=SimpleNamespace(blocks=blocks, tokenizer_dir=parent),
+        log=lambda msg: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    return make_torch_artifact(tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture(scope="module")
+def exported(parent, tmp_path_factory) -> tuple[Path, StepResult]:
+    """The export-onnx step run once (dynamo exporter, fusion tried) into a folder."""
+    out = tmp_path_factory.mktemp("student-onnx")
+    result = run(fake_ctx(parent, out, ExportOnnxParams()))
+    return out, result
+
+
+def test_graph_has_kv_cache_io_dynamic_axes_and_opset(exported):
+    out, _ = exported
+    check_onnx(out / MODEL_FILE, full=False)  # the kept graph (maybe fused) is valid
+    model = onnx.load(str(out / MODEL_FILE))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+
+    def dims(values):
+        return {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in values
+        }
+
+    ins, outs = dims(model.graph.input), dims(model.graph.output)
+    assert ins["input_ids"] == ["batch", "sequence"]
+    assert ins["attention_mask"] == ["batch", "total"]
+    assert ins["past_key_values.1.value"] == ["batch", 2, "past", 16]
+    assert outs["logits"][:2] == ["batch", "sequence"]
+    assert outs["present.0.key"] == ["batch", 2, "total", 16]
+    assert json.loads((out / "onnx.json").read_text())["precision"] == "float32"
+
+
+def test_parity_recorded_and_within_tolerance(exported):
+    _, result = exported
+    parity = result.details["parity"]
+    assert parity["passed"] and parity["batch1_identical"] and parity["padded_batch_identical"]
+    assert parity["max_abs_logit_diff"] < 1e-4 and parity["greedy_steps"] == 32
+    assert result.details["checker"].startswith("passed")
+
+
+def test_optimisation_choice_is_recorded(exported):
+    out, result = exported
+    opt = result.details["optimize"]
+    graph = json.loads((out / "onnx.json").read_text())["graph"]
+    assert opt["requested"] is True
+    if opt["kept"]:
+        assert graph == "ort-gpt2-fused" and opt["parity"]["passed"]
+        assert opt["decode_ms_b1_plus_b8"]["fused"] < opt["decode_ms_b1_plus_b8"]["plain"]
+    else:
+        assert graph == "standard" and opt["reason"]
+
+
+def test_tied_embedding_stored_once(exported, parent):
+    out, result = exported
+    total, nonzero = count_safetensors(parent)  # safetensors stores the tied matrix once
+    assert (result.params_total, result.params_nonzero) == (total, nonzero)
+    model = onnx.load(str(out / MODEL_FILE))
+    vocab = json.loads((parent / "config.json").read_text())["vocab_size"]
+    tables = [i for i in model.graph.initializer if vocab in i.dims]
+    assert len(tables) == 1 and list(tables[0].dims) == [32, vocab]
+    st_bytes = (parent / "model.safetensors").stat().st_size
+    assert result.details["weight_bytes"] <= 1.05 * st_bytes
+
+
+def test_empty_past_and_padded_rows_in_onnxruntime(exported):
+    """P = 0 is a valid input, and a left-padded row equals the same row alone."""
+    out, _ = exported
+    sess = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    seqs = [[5, 6, 7, 8], [9, 10]]
+    feeds_for = []
+    for ids, mask in (
+        ([seqs[0], [0, 0, *seqs[1]]], [[1, 1, 1, 1], [0, 0, 1, 1]]),
+        ([seqs[1]], [[1, 1]]),
+    ):
+        mask_t = torch.tensor(mask)
+        pos = ((mask_t.cumsum(-1) - 1).clamp(min=0) * mask_t).numpy()
+        feeds = {"input_ids": np.array(ids), "attention_mask": mask_t.numpy(), "position_ids": pos}
+        for i in range(2):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((len(ids), 2, 0, 16), np.float32)
+        feeds_for.append(sess.run(None, feeds))
+    batch, alone = feeds_for
+    assert batch[1].shape == (2, 2, 4, 16)  # present = empty past + 4 new columns
+    assert np.abs(batch[0][1, -1] - alone[0][0, -1]).max() < 1e-5
+
+
+class _Skewed:
+    """A candidate runtime that perturbs a reference: logits +delta, or one flipped token."""
+
+    def __init__(self, ref, delta: float = 0.0, flip_at: int | None = None):
+        self.ref, self.delta, self.flip_at, self.info = ref, delta, flip_at, ref.info
+        self.calls = 0
+
+    def _skew(self, logits):
+        logits = logits + self.delta
+        if logits.shape[0] == 3:  # the padded batch: count its steps (prefill = 1)
+            self.calls += 1
+            if self.calls == self.flip_at:
+                logits[1, logits[1].argmin()] = logits[1].max() + 1.0
+        return logits
+
+    def prefill(self, seqs):
+        logits, state = self.ref.prefill(seqs)
+        return self._skew(logits), state
+
+    def decode(self, tokens, state):
+        logits, state = self.ref.decode(tokens, state)
+        return self._skew(logits), state
+
+    def score(self, ids):
+        return self.ref.score(ids) + self.delta
+
+
+def test_parity_failures_are_reported(parent):
+    from slimserve.runtimes import torch_rt
+
+    ref = torch_rt.load(parent, device="cpu", dtype="float32", threads=1)
+    prompts = prompt_ids(parent, 8, CONTEXT)
+    assert len({len(p) for p in prompts}) == 3  # a padded batch really has padding
+    check_parity(ref, _Skewed(ref), prompts, 8, 1e-3)  # identical: passes
+    with pytest.raises(ParityError, match=r"max \|logit diff\| 0.01 > tolerance 0.001"):
+        check_parity(ref, _Skewed(ref, delta=0.01), prompts, 8, 1e-3)
+    with pytest.raises(ParityError, match="padded batch of 3: row 1 step 4"):
+        check_parity(ref, _Skewed(ref, flip_at=5), prompts, 8, 1e3)
+
+
+def test_broken_onnx_fails_the_checker(tmp_path):
+    node = onnx.helper.make_node("Add", ["x", "missing"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "broken",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "broken.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    with pytest.raises(OnnxCheckError, match="fails the ONNX checker"):
+        check_onnx(path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a protobuf" * 10)
+    with pytest.raises(
+        OnnxCheckError, match="garbage.onnx: (fails the ONNX checker|not a readable)"
+    ):
+        check_onnx(garbage)
+
+
+def test_missing_and_corrupt_parents_raise_one_clear_error(parent, tmp_path):
+    params = ExportOnnxParams(optimize=False)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        export_folder(tmp_path / "nowhere", tmp_path / "o1", params)
+    bad = tmp_path / "bad-manifest"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt manifest"):
+        export_folder(bad, tmp_path / "o2", params)
+    torn = tmp_path / "torn-weights"
+    torn.mkdir()
+    for f in parent.iterdir():
+        (torn / f.name).write_bytes(f.read_bytes())
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="cannot load the parent's weights"):
+        export_folder(torn, tmp_path / "o3", params)
+    onnx_parent = tmp_path / "onnx-parent"
+    onnx_parent.mkdir()
+    m = read_manifest(parent).model_copy(update={"runtime": "onnxruntime"})
+    write_manifest(onnx_parent, m)
+    with pytest.raises(ArtifactError, match="needs a PyTorch parent"):
+        export_folder(onnx_parent, tmp_path / "o4", params)

@@ -1,0 +1,160 @@
+"""The ONNX Runtime runtime against the torch runtime on the same tiny GPT-2 (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_engines.onnx_export import export_kv_onnx, load_parent_model, prepare_folder
+from slimserve.artifacts import Manifest, write_manifest
+from slimserve.runtimes import load
+from slimserve.runtimes.base import Runtime, merge, select
+from slimserve.runtimes.onnx_rt import SIDECAR, OnnxRuntime
+
+TOL = 1e-4  # fp32 on both sides: only summation order differs
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The tiny model exported with the KV cache into an artifact folder with a manifest."""
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    prepare_folder(tiny_model_dir, out)
+    export_kv_onnx(load_parent_model(tiny_model_dir), out / "model.onnx")
+    (out / SIDECAR).write_text(json.dumps({"model": "model.onnx", "precision": "float32"}))
+    write_manifest(
+        out,
+        Manifest(
+            variant="tiny-onnx",
+            profile="test",
+            step="export-onnx",
+            parent="tiny",
+            runtime="onnxruntime",
+            config_hash="c",
+            parent_hash=None,
+        ),
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_rt(onnx_dir):
+    return load(onnx_dir, device="cpu", threads=1)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def test_load_dispatches_and_reports(ort_rt, tiny_runtime):
+    assert isinstance(ort_rt, OnnxRuntime) and isinstance(ort_rt, Runtime)
+    info = ort_rt.info
+    assert (info.runtime, info.device, info.dtype, info.threads) == (
+        "onnxruntime",
+        "cpu",
+        "float32",
+        1,
+    )
+    assert info.extra["providers"] == "CPUExecutionProvider"
+    ref = tiny_runtime.info
+    assert (
+        info.context_length,
+        info.vocab_size,
+        info.num_layers,
+        info.num_heads,
+        info.head_dim,
+    ) == (
+        ref.context_length,
+        ref.vocab_size,
+        ref.num_layers,
+        ref.num_heads,
+        ref.head_dim,
+    )
+
+
+def test_score_prefill_decode_match_torch(ort_rt, tiny_runtime):
+    ids = torch.randint(1, ort_rt.info.vocab_size, (2, ort_rt.info.context_length))
+    assert close(ort_rt.score(ids), tiny_runtime.score(ids)) < TOL
+    seq = [5, 17, 42, 99, 3]
+    a_logits, a = ort_rt.prefill([seq])
+    b_logits, b = tiny_runtime.prefill([seq])
+    assert a_logits.shape == (1, ort_rt.info.vocab_size) and a_logits.dtype == torch.float32
+    assert close(a_logits, b_logits) < TOL
+    for tok in [7, 250, 1, 64, 64, 12]:
+        a_logits, a = ort_rt.decode(torch.tensor([tok]), a)
+        b_logits, b = tiny_runtime.decode(torch.tensor([tok]), b)
+        assert close(a_logits, b_logits) < TOL
+    assert a.past_length == len(seq) + 6 and a.positions.tolist() == [len(seq) + 6]
+    assert all(isinstance(k, torch.Tensor) and k.shape == b.keys[0].shape for k in a.keys)
+    assert close(a.keys[1], b.keys[1]) < TOL and close(a.values[0], b.values[0]) < TOL
+
+
+def test_left_padded_batch_matches_torch(ort_rt, tiny_runtime):
+    seqs = [[1, 2, 3], [10, 20, 30, 40, 50, 60, 70], [9], [4, 4, 4, 4]]
+    a_logits, a = ort_rt.prefill(seqs)
+    b_logits, b = tiny_runtime.prefill(seqs)
+    assert close(a_logits, b_logits) < TOL
+    assert a.mask.tolist() == b.mask.tolist() and a.positions.tolist() == [3, 7, 1, 4]
+    for step in range(5):
+        toks = torch.tensor([11 + step, 22 + step, 33 + step, 44 + step])
+        a_logits, a = ort_rt.decode(toks, a)
+        b_logits, b = tiny_runtime.decode(toks, b)
+        assert close(a_logits, b_logits) < TOL
+    for row, seq in enumerate(seqs):  # each padded row equals that prompt run alone
+        alone, _ = ort_rt.prefill([seq])
+        first, _ = ort_rt.prefill(seqs)
+        assert close(first[row], alone[0]) < TOL
+
+
+def test_merge_and_select_through_base_helpers(ort_rt, tiny_runtime):
+    _, s1 = ort_rt.prefill([[1, 2, 3, 4, 5, 6]])
+    _, s2 = ort_rt.prefill([[7, 8], [9, 10, 11]])
+    _, s1 = ort_rt.decode(torch.tensor([12]), s1)
+    merged = merge(s1, s2)  # P = 7 vs 3: the second batch is left-padded by 4
+    assert merged.batch_size == 3 and merged.past_length == 7
+    a_logits, a = ort_rt.decode(torch.tensor([13, 14, 15]), merged)
+    _, r1 = tiny_runtime.prefill([[1, 2, 3, 4, 5, 6, 12]])
+    r1_logits, _ = tiny_runtime.decode(torch.tensor([13]), r1)
+    _, r2 = tiny_runtime.prefill([[7, 8], [9, 10, 11]])
+    r2_logits, _ = tiny_runtime.decode(torch.tensor([14, 15]), r2)
+    assert close(a_logits, torch.cat([r1_logits, r2_logits])) < TOL
+    kept = select(a, [2, 1])  # the 7-token row leaves: leading all-padding columns are dropped
+    assert kept.past_length == 4 and kept.positions.tolist() == [4, 3]
+    k_logits, _ = ort_rt.decode(torch.tensor([16, 17]), kept)
+    _, r = tiny_runtime.prefill([[9, 10, 11, 15], [7, 8, 14]])
+    r_logits, _ = tiny_runtime.decode(torch.tensor([16, 17]), r)
+    assert close(k_logits, r_logits) < TOL
+
+
+def test_context_limits_are_errors(ort_rt):
+    ctx = ort_rt.info.context_length
+    with pytest.raises(ValueError, match="exceeds context length"):
+        ort_rt.prefill([[1] * (ctx + 1)])
+    _, state = ort_rt.prefill([[1] * ctx])
+    with pytest.raises(ValueError, match="decode past the context length"):
+        ort_rt.decode(torch.tensor([1]), state)
+
+
+def test_device_and_threads_are_explicit(onnx_dir, monkeypatch):
+    with pytest.raises(ValueError, match="CUDAExecutionProvider"):
+        load(onnx_dir, device="cuda")
+    monkeypatch.setenv("SLIMSERVE_ORT_THREADS", "2")
+    assert load(onnx_dir, device="cpu").info.threads == 2
+    monkeypatch.setenv("SLIMSERVE_ORT_THREADS", "two")
+    with pytest.raises(ValueError, match="SLIMSERVE_ORT_THREADS must be an integer"):
+        load(onnx_dir, device="cpu")
+
+
+def test_onnx_runtime_imports_no_model_code():
+    """An ONNX replica needs no transformers model classes (only config.json, read as JSON)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import slimserve.runtimes.onnx_rt; "
+        "print(any(m.startswith('transformers') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
