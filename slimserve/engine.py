@@ -39,190 +39,32 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from slimserve.engine_types import (
+    Completion,
+    EngineClosedError,
+    EngineConfig,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    QueueFullError,
+    RequestMetrics,
+    StepInfo,
+    StreamChunk,
+    Timings,
+)
 from slimserve.runtimes.base import KVState, Runtime, merge, select
 from slimserve.sampling import ParameterError, SamplingParams, sample
+from slimserve.textstream import IncrementalDetokenizer, find_stop, held_suffix
 from slimserve.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
-_FFFD = "\ufffd"
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full: the caller should shed load (HTTP 503 / retry later)."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine was stopped while the request was waiting or running."""
-
-
-class EngineError(RuntimeError):
-    """A model step failed (an engine fault, not the client's): its requests end with this."""
-
-
-@dataclass
-class EngineConfig:
-    """Scheduling knobs of one engine."""
-
-    max_batch_size: int = 16
-    """Most requests decoded together in one step."""
-    max_wait_ms: float = 2.0
-    """How long the first request reaching an idle engine waits for company before prefill."""
-    max_queue: int = 1024
-    """Most requests waiting for a batch slot; past it `submit` raises QueueFullError."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_batch_size < 1:
-            problems.append(("max_batch_size", f"must be >= 1, got {self.max_batch_size}"))
-        if self.max_wait_ms < 0:
-            problems.append(("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}"))
-        if self.max_queue < 0:
-            problems.append(("max_queue", f"must be >= 0, got {self.max_queue}"))
-        if problems:
-            raise ParameterError(problems)
-
-
-@dataclass
-class StreamChunk:
-    """One generated token's worth of output (text may be "" while held back)."""
-
-    text: str  # new text since the previous chunk
-    token_ids: list[int]  # ids generated since the previous chunk ([] for the EOS-final chunk)
-    finish_reason: FinishReason | None = None  # set on the last chunk only
-
-
-@dataclass
-class Timings:
-    """Where a request's time went, in seconds from `submit`."""
-
-    queue_s: float  # until its prefill started
-    ttft_s: float  # until its first token was sampled
-    e2e_s: float  # until it finished
-    token_s: list[float] = field(default_factory=list)  # when each sampled token (EOS too) came
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first (None with fewer than two tokens)."""
-        if len(self.token_s) < 2:
-            return None
-        return (self.token_s[-1] - self.token_s[0]) / (len(self.token_s) - 1)
-
-
-@dataclass
-class Completion:
-    """A finished request."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason
-    timings: Timings
-
-
-@dataclass
-class RequestMetrics:
-    """What `on_finish` receives for every request that leaves the engine, however it ends."""
-
-    request_id: int
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    queue_s: float | None
-    ttft_s: float | None
-    tpot_s: float | None
-    e2e_s: float
-
-
-@dataclass
-class StepInfo:
-    """What `on_step` receives after every model step."""
-
-    step: int  # 1-based step counter
-    batch_size: int  # rows sampled in this step (decoded + prefilled)
-    decoded: int
-    prefilled: int
-    removed: int  # rows that left the batch at the start of the step
-    seconds: float  # wall time of the model work in the worker
-
-
-@dataclass
-class EngineStats:
-    """Counters for metrics (`num_requests_running`, `prompt_tokens_total`, ...)."""
-
-    running: int
-    waiting: int
-    steps: int
-    submitted: int
-    finished: int
-    cancelled: int
-    failed: int
-    rejected: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    peak_running: int
-
-
-class IncrementalDetokenizer:
-    """Text of a growing id list, re-decoding only the tail after the last clean boundary.
-
-    For byte-level BPE, decode(a + b) == decode(a) + decode(b) when a's bytes end on a complete
-    character, i.e. when decode(a) does not end in U+FFFD; that is where `_prefix` stops.
-    """
-
-    def __init__(self, tokenizer: TextTokenizer):
-        self._tok = tokenizer
-        self._ids: list[int] = []
-        self._start = 0  # ids[:start] are decoded into _prefix
-        self._prefix = ""
-        self._tail = ""
-
-    def add(self, token_id: int) -> None:
-        self._ids.append(token_id)
-        tail = self._tok.decode(self._ids[self._start :])
-        if tail.endswith(_FFFD):
-            self._tail = tail
-        else:
-            self._prefix += tail
-            self._start = len(self._ids)
-            self._tail = ""
-
-    @property
-    def stable(self) -> str:
-        """Text that later ids cannot change (trailing U+FFFD held back)."""
-        return self._prefix + self._tail.rstrip(_FFFD)
-
-    @property
-    def text(self) -> str:
-        """All text so far, trailing U+FFFD included (for the final flush)."""
-        return self._prefix + self._tail
-
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
-    """Index of the earliest stop string in text[start:] (relative to text), or -1."""
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else -1
-
-
-def _held_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class _Request:
@@ -689,7 +531,7 @@ class Engine:
         stops = req.params.stop
         stable = req.detok.stable
         if stops:
-            cut = _find_stop(stable, stops, max(0, req.searched - req.max_stop + 1))
+            cut = find_stop(stable, stops, max(0, req.searched - req.max_stop + 1))
             req.searched = len(stable)
             if cut >= 0:
                 self._finish_text(req, [tok], "stop", stable[:cut])
@@ -698,7 +540,7 @@ class Engine:
         if n >= req.params.max_tokens or len(req.prompt_ids) + n >= self.context_length:
             self._finish_text(req, [tok], "length")
             return
-        show = stable[: len(stable) - _held_suffix(stable, stops)] if stops else stable
+        show = stable[: len(stable) - held_suffix(stable, stops)] if stops else stable
         delta = show[len(req.emitted) :]
         req.emitted = show if len(show) > len(req.emitted) else req.emitted
         req.put(StreamChunk(delta, [tok]))
@@ -709,7 +551,7 @@ class Engine:
         """Final chunk: flush what was held back (cut at a stop string) and finish."""
         if text is None:
             text = req.detok.text
-            cut = _find_stop(text, req.params.stop, 0) if req.params.stop else -1
+            cut = find_stop(text, req.params.stop, 0) if req.params.stop else -1
             if cut >= 0:
                 text = text[:cut]
         req.final_text = text
@@ -758,3 +600,19 @@ class Engine:
         self._waiting.clear()
         self._running = []
         self._state, self._last = None, None
+
+
+__all__ = [
+    "Engine",
+    "RequestStream",
+    "QueueFullError",
+    "EngineClosedError",
+    "EngineError",
+    "EngineConfig",
+    "StreamChunk",
+    "Timings",
+    "Completion",
+    "RequestMetrics",
+    "StepInfo",
+    "EngineStats",
+]

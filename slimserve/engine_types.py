@@ -1,0 +1,130 @@
+"""Value types of the engine's API: errors, configuration, chunks, results, statistics.
+
+Kept apart from `engine.py` so callers (Serve replicas, benchmarks) can read the shapes of what
+the engine returns without reading the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slimserve.sampling import ParameterError
+
+FinishReason = Literal["stop", "length"]
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full: the caller should shed load (HTTP 503 / retry later)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was stopped while the request was waiting or running."""
+
+
+class EngineError(RuntimeError):
+    """A model step failed (an engine fault, not the client's): its requests end with this."""
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling knobs of one engine."""
+
+    max_batch_size: int = 16
+    """Most requests decoded together in one step."""
+    max_wait_ms: float = 2.0
+    """How long the first request reaching an idle engine waits for company before prefill."""
+    max_queue: int = 1024
+    """Most requests waiting for a batch slot; past it `submit` raises QueueFullError."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append(("max_batch_size", f"must be >= 1, got {self.max_batch_size}"))
+        if self.max_wait_ms < 0:
+            problems.append(("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}"))
+        if self.max_queue < 0:
+            problems.append(("max_queue", f"must be >= 0, got {self.max_queue}"))
+        if problems:
+            raise ParameterError(problems)
+
+
+@dataclass
+class StreamChunk:
+    """One generated token's worth of output (text may be "" while held back)."""
+
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # ids generated since the previous chunk ([] for the EOS-final chunk)
+    finish_reason: FinishReason | None = None  # set on the last chunk only
+
+
+@dataclass
+class Timings:
+    """Where a request's time went, in seconds from `submit`."""
+
+    queue_s: float  # until its prefill started
+    ttft_s: float  # until its first token was sampled
+    e2e_s: float  # until it finished
+    token_s: list[float] = field(default_factory=list)  # when each sampled token (EOS too) came
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        if len(self.token_s) < 2:
+            return None
+        return (self.token_s[-1] - self.token_s[0]) / (len(self.token_s) - 1)
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    timings: Timings
+
+
+@dataclass
+class RequestMetrics:
+    """What `on_finish` receives for every request that leaves the engine, however it ends."""
+
+    request_id: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    queue_s: float | None
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float
+
+
+@dataclass
+class StepInfo:
+    """What `on_step` receives after every model step."""
+
+    step: int  # 1-based step counter
+    batch_size: int  # rows sampled in this step (decoded + prefilled)
+    decoded: int
+    prefilled: int
+    removed: int  # rows that left the batch at the start of the step
+    seconds: float  # wall time of the model work in the worker
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics (`num_requests_running`, `prompt_tokens_total`, ...)."""
+
+    running: int
+    waiting: int
+    steps: int
+    submitted: int
+    finished: int
+    cancelled: int
+    failed: int
+    rejected: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    peak_running: int
