@@ -42,6 +42,7 @@ from slimserve.tokenizer import copy_tokenizer_files
 
 MODEL_FILE = "model.onnx"
 MAX_WEIGHT_RATIO = 1.05  # ONNX initializer bytes / parent safetensors bytes
+KEEP_FUSED_BELOW = 0.95  # keep ORT's fused graph only if it decodes in < 95% of the time
 WEIGHT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -252,7 +253,7 @@ def _optimize(src: Path, dst: Path, cfg: Any) -> dict[str, int]:
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
-def _speed(folders: list[Path], rounds: int = 3) -> list[float]:
+def _speed(folders: list[Path], rounds: int = 5) -> list[float]:
     """Interleaved median decode ms (batch 1 and 8 summed) per folder, on a shared machine."""
     from slimserve.runtimes.onnx_rt import load
 
@@ -347,7 +348,7 @@ def _try_optimize(out_dir: Path, cfg: Any, ref, args: tuple, log) -> dict[str, A
             return {"reason": f"fusion failed: {exc}"}
         plain_ms, fused_ms = _speed([out_dir, scratch])
         result = {"fused": stats, "decode_ms_b1_plus_b8": {"plain": plain_ms, "fused": fused_ms}}
-        if fused_ms >= 0.97 * plain_ms:
+        if fused_ms >= KEEP_FUSED_BELOW * plain_ms:
             log(f"ORT GPT-2 fusion not kept: {fused_ms:.3f} ms vs {plain_ms:.3f} ms plain")
             return {**result, "reason": "not faster than ORT's own session-time fusions"}
         shutil.copyfile(fused, out_dir / MODEL_FILE)

@@ -92,7 +92,7 @@ def profile_shapes(
     """(min, opt, max) shape of every graph input, after checking the axes fit the context.
 
     cfg: n_layer / n_head / n_embd / n_positions (a GPT-2 config.json). Raises ProfileError
-    naming every axis that does not fit.
+    naming every axis that does not fit (minimums >= 1 are `ProfileShape`'s own rule).
     """
     ctx = cfg["n_positions"]
     problems = []
@@ -102,13 +102,6 @@ def profile_shapes(
     ):
         if axis.max > limit:
             problems.append(f"{name}.max {axis.max} exceeds the model's context {limit}")
-    for name, axis in (
-        ("batch", params.batch),
-        ("sequence", params.sequence),
-        ("past", params.past),
-    ):
-        if axis.min < 1:
-            problems.append(f"{name}.min must be >= 1 (TensorRT profiles), got {axis.min}")
     if problems:
         raise ProfileError("build-trt profile does not fit the model: " + "; ".join(problems))
     heads, dim = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]

@@ -233,21 +233,28 @@ class IngressClient:
         self.settings = settings
         self._transport = transport
 
-    def _http(self) -> httpx.Client:
+    def _http(self, timeout_s: float | None = None) -> httpx.Client:
         headers = {"Accept": "application/json"}
         if self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         return httpx.Client(
             base_url=self.settings.url,
             headers=headers,
-            timeout=httpx.Timeout(self.settings.timeout_s, connect=5.0),
+            timeout=httpx.Timeout(timeout_s or self.settings.timeout_s, connect=5.0),
             transport=self._transport,
             verify=_tls(),
         )
 
-    def _request(self, method: str, path: str, model: type[M], body: Any = None) -> M:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: Any = None,
+        timeout_s: float | None = None,
+    ) -> M:
         try:
-            with self._http() as http:
+            with self._http(timeout_s) as http:
                 response = http.request(method, path, json=body)
         except httpx.HTTPError as e:
             raise _error_from_exception(e, self.settings.url) from None
@@ -261,9 +268,10 @@ class IngressClient:
             ) from None
 
     def health(self) -> dict[str, Any]:
-        """`/healthz`'s JSON (or `{"status": "ok"}` for an empty 200)."""
+        """`/healthz`'s JSON (or `{"status": "ok"}` for an empty 200); waits at most 5 s, since
+        the sidebar asks on every rerun and a hung ingress must not freeze the page."""
         try:
-            with self._http() as http:
+            with self._http(min(5.0, self.settings.timeout_s)) as http:
                 response = http.get("/healthz")
         except httpx.HTTPError as e:
             raise _error_from_exception(e, self.settings.url) from None
@@ -276,7 +284,9 @@ class IngressClient:
         return data if isinstance(data, dict) else {"status": "ok"}
 
     def models(self) -> ModelList:
-        return self._request("GET", "/v1/models", ModelList)
+        return self._request(
+            "GET", "/v1/models", ModelList, timeout_s=min(30.0, self.settings.timeout_s)
+        )
 
     def complete(self, model: str, prompt: str, sampling: Sampling) -> CompletionResponse:
         req = _validated(CompletionRequest, {"model": model, "prompt": prompt, **sampling.fields()})

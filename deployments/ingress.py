@@ -294,6 +294,14 @@ def create_app(ing: Ingress) -> FastAPI:
         """Every catalogue variant: facts, metrics, and whether (or why not) it is deployed."""
         return ing.model_list()
 
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    async def model_card(model_id: str) -> ModelCard:
+        """One catalogue variant (404 for a name the catalogue does not have)."""
+        card = next((c for c in ing.cards if c.id == model_id), None)
+        if card is None:
+            ing.handle(model_id)  # raises the 404 listing what is deployed
+        return card  # type: ignore[return-value]
+
     @app.post("/infer", response_model=InferResponse, responses=ERRORS)
     async def infer(body: InferRequest) -> InferResponse:
         """The older projects' API: top-k next tokens and an optional greedy continuation."""

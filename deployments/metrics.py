@@ -11,10 +11,11 @@ work inside the replica, not the HTTP hop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from slimserve.engine import EngineStats, RequestMetrics, StepInfo
+from slimserve.engine import EngineStats, RequestMetrics
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 TOKEN_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -83,11 +84,11 @@ class VariantMetrics:
             self.generation_tokens.inc(m.completion_tokens)
         self.finished.inc(1, {**self._tags, "finish_reason": m.finish_reason})
 
-    def on_step(self, info: StepInfo, stats: EngineStats) -> None:
-        """Engine callback after a model step: refresh the gauges, rate-limited."""
-        now = time.monotonic()
-        if now - self._last_gauges >= GAUGE_PERIOD_S:
-            self.set_gauges(stats)
+    def on_step(self, stats: Callable[[], EngineStats]) -> None:
+        """Engine callback after a model step: refresh the gauges, at most every 0.25 s
+        (`stats` is only called then: this runs once per generated token)."""
+        if time.monotonic() - self._last_gauges >= GAUGE_PERIOD_S:
+            self.set_gauges(stats())
 
     def set_gauges(self, stats: EngineStats) -> None:
         self._last_gauges = time.monotonic()

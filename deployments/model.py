@@ -55,7 +55,7 @@ class ModelServer:
             self.runtime,
             self.tokenizer,
             EngineConfig(),
-            on_step=lambda info: self.metrics.on_step(info, self.engine.stats()),
+            on_step=lambda _: self.metrics.on_step(self.engine.stats),
             on_finish=self._on_finish,
         )
         self._open = asyncio.Event()  # admission gate; cleared only by `hold`
@@ -263,8 +263,9 @@ class ModelServer:
             self._open.set()
 
     def _on_finish(self, m: Any) -> None:
-        if m.request_id in self._internal:
+        if m.request_id in self._internal:  # a health check: not traffic, but gauges move
             self._internal.discard(m.request_id)
+            self.metrics.set_gauges(self.engine.stats())
             return
         self.metrics.on_finish(m, self.engine.stats())
 

@@ -5,6 +5,7 @@
     slimserve data     --config configs/tiny.yaml
     slimserve generate --config configs/tiny.yaml --variant student "prompt"
     slimserve bench    engine --variant student
+    slimserve sweep    prune --config configs/tiny.yaml [--amounts 0.1 0.5 0.9]
 
 Exit status: 0 ok, 2 bad input (config, arguments, artifacts), 1 anything else.
 """
@@ -132,6 +133,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown benchmark {args.what!r}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Pruning sweep: quality and speed per amount / ratio -> reports/prune_sweep.*"""
+    from build_engines.sweep import DEFAULT_AMOUNTS, run_prune_sweep
+    from slimserve.reports import render_markdown
+
+    report, _ = run_prune_sweep(
+        _profile(args.config, args.artifacts),
+        parent=args.parent,
+        amounts=args.amounts or DEFAULT_AMOUNTS,
+        scope=args.scope,
+        structured=not args.no_structured,
+        importance=args.importance,
+        repeats=args.repeats,
+        threads=args.threads,
+        reports_dir=args.report_dir,
+    )
+    print(render_markdown(report, f"{report.name}.png" if report.charts else None))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"profile file (default {DEFAULT_CONFIG})"
@@ -190,6 +211,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="pruning sweep: perplexity, agreement, speed (reports/)")
+    _common(p)
+    p.add_argument("what", choices=["prune"], help="prune: L1 amounts and structured ratios")
+    p.add_argument("--parent", default="student", help="variant to prune (default student)")
+    p.add_argument(
+        "--amounts", type=float, nargs="+", help="L1 amounts in (0, 1) (default 0.1-0.9)"
+    )
+    p.add_argument("--scope", choices=["global", "layer"], default="global", help="L1 ranking")
+    p.add_argument("--no-structured", action="store_true", help="L1 only (no structured points)")
+    p.add_argument(
+        "--importance", choices=["activation", "weight"], default="activation", help="neuron score"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="decode timing runs (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for decode timing")
+    p.add_argument("--report-dir", default="reports", help="where prune_sweep.* are written")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

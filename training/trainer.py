@@ -21,8 +21,9 @@ from typing import Any
 from slimserve import hardware
 from slimserve.catalogue import TrainingDefaults
 
-# Simulates a crash: each run raises after this many steps (once a checkpoint is written), so
-# tests and demos can check that the next attempt resumes from the checkpoint.
+# Simulates a crash: a run raises after this many steps of training (whatever was done since
+# its last checkpoint is lost, as in a real crash), so tests and demos can check that the next
+# attempt resumes from that checkpoint. Unset in normal use.
 INTERRUPT_ENV = "SLIMSERVE_INTERRUPT_AFTER_STEPS"
 
 
@@ -53,14 +54,18 @@ def ensure_ray() -> None:
 def plan_workers(training: TrainingDefaults, workers: int | None = None) -> WorkerPlan:
     """Resolve the profile's training defaults against this cluster (call after `ensure_ray`).
 
-    `use_gpu: auto` means "when this machine has CUDA"; `cpus_per_worker: None` means the
-    cluster's CPUs divided by the workers, capped by what is free now (another job, e.g. a Serve
-    replica, may hold some) so the trainer does not wait forever for CPUs nobody will release.
+    `use_gpu: auto` means "when CUDA exists" (here or on the cluster's nodes);
+    `cpus_per_worker: None` means the cluster's CPUs divided by the workers, capped by what is
+    free now (another job, e.g. a Serve replica, may hold some) so the trainer does not wait
+    forever for CPUs nobody will release.
     """
     import ray
 
     n = workers or training.workers
-    use_gpu = hardware.has_cuda() if training.use_gpu == "auto" else bool(training.use_gpu)
+    if training.use_gpu == "auto":
+        use_gpu = hardware.has_cuda() or ray.cluster_resources().get("GPU", 0) > 0
+    else:
+        use_gpu = bool(training.use_gpu)
     cpus = training.cpus_per_worker
     if cpus is None:
         total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))

@@ -111,7 +111,8 @@ class OnnxRuntime:
         self.info = info
         self.device = torch.device(info.device)
         self.input_names, self.output_names = io_names(info.num_layers)
-        self._past_names = self.input_names[3:]
+        self.io_binding = self.device.type == "cuda"  # CPU: plain `run` on numpy views
+        self._dummy = torch.zeros(1, device=self.device)  # an address for empty inputs
         missing = set(self.input_names) - {i.name for i in session.get_inputs()}
         if missing:
             raise ValueError(f"ONNX graph lacks the KV-cache inputs {sorted(missing)}")
@@ -131,32 +132,43 @@ class OnnxRuntime:
         for k, v in zip(keys, values, strict=True):
             past += [k, v]
         inputs = [ids, mask, positions, *past]
-        if self.device.type == "cuda":
-            return self._forward_cuda(inputs)
+        if self.io_binding:
+            return self._forward_bound(inputs)
         feeds = {
             name: t.contiguous().numpy() for name, t in zip(self.input_names, inputs, strict=True)
         }
         return [torch.from_numpy(a) for a in self.session.run(self.output_names, feeds)]
 
-    def _forward_cuda(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """I/O binding: inputs and preallocated outputs stay torch CUDA tensors (no host trips)."""
+    def _forward_bound(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """I/O binding: inputs and preallocated outputs stay torch tensors on the device (on CUDA:
+        no host round trip per step). Also usable on CPU, where it is no faster than `run`."""
         b, t = inputs[0].shape
         total = inputs[1].shape[1]
         h, d = self.info.num_heads, self.info.head_dim
-        index = self.device.index or 0
+        kind, index = self.device.type, self.device.index or 0
         binding = self.session.io_binding()
+        keep = []  # every bound tensor must outlive the run
         for name, tensor in zip(self.input_names, inputs, strict=True):
             tensor = tensor.to(self.device).contiguous()
+            # An empty past (prefill) may have no storage: bind a real, unused address, not 0.
+            storage = tensor if tensor.numel() else self._dummy
+            keep.append(tensor)
             binding.bind_input(
-                name, "cuda", index, _NP_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+                name,
+                kind,
+                index,
+                _NP_TYPES[tensor.dtype],
+                tuple(tensor.shape),
+                storage.data_ptr(),
             )
         shapes = [(b, t, self.info.vocab_size)] + [(b, h, total, d)] * (2 * self.info.num_layers)
         outputs = [torch.empty(s, dtype=torch.float32, device=self.device) for s in shapes]
         for name, tensor in zip(self.output_names, outputs, strict=True):
             binding.bind_output(
-                name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr()
+                name, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr()
             )
         self.session.run_with_iobinding(binding)
+        del keep
         return outputs
 
     def _empty_past(self, batch: int) -> list[torch.Tensor]:

@@ -203,3 +203,14 @@ def test_stream_error_status_reads_envelope(fake_ingress):
     with pytest.raises(IngressError) as info:
         next(iter(stream))
     assert info.value.param == "messages" and "context" in info.value.message
+
+
+def test_quick_calls_wait_less_than_generation(fake_ingress):
+    """A hung ingress must not freeze a rerun: health 5 s, models 30 s, generation the setting."""
+    client = client_for(fake_ingress, timeout_s=120.0)
+    client.health()
+    client.models()
+    client.compare("p", ["teacher"], Sampling())
+    reads = {r.url.path: r.extensions["timeout"]["read"] for r in fake_ingress.requests}
+    assert reads == {"/healthz": 5.0, "/v1/models": 30.0, "/compare": 120.0}
+    assert {r.extensions["timeout"]["connect"] for r in fake_ingress.requests} == {5.0}

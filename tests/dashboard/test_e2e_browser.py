@@ -212,7 +212,7 @@ WATCH_STREAM = """() => {
 def test_chat_streams_a_reply(page, dashboard_url, shots):
     page.goto(dashboard_url)
     page.get_by_role("heading", name="Chat").wait_for()
-    page.get_by_label("max tokens").fill("120")  # long enough to watch it grow
+    page.get_by_label("max tokens").fill("96")  # long enough to watch it grow; fits 128
     page.get_by_label("max tokens").press("Enter")
     settled(page)
     page.evaluate(WATCH_STREAM)

@@ -89,7 +89,6 @@ def serve_urls(ray_session, tmp_path_factory) -> Iterator[ServeUrls]:
             secured=f"{root}/secured",
             store=main_root / "deploytest",
             faults_store=faults_root / "deploytest",
-            faults_args=faults_args,
             profile_path=profile_path,
         )
     finally:

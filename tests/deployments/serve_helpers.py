@@ -7,7 +7,6 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 API_KEY = "sk-test-9b1c0e5f"
 API_KEY_ENV = "SLIMSERVE_TEST_API_KEY"
@@ -128,7 +127,6 @@ class ServeUrls:
     store: Path  # the main app's artifacts (profile folder)
     faults_store: Path
     profile_path: Path
-    faults_args: dict[str, Any]  # the builder args of the `faults` application
 
     def folder(self, variant: str) -> Path:
         return self.store / variant

@@ -66,6 +66,9 @@ def test_models_lists_the_whole_catalogue_with_reasons(serve_urls, client):
     assert "NVIDIA GPU" in cards["student-trt"]["reason"]
     assert not any(cards[n]["deployed"] for n in ("student-onnx", "student-trt", "student-slim"))
     assert sorted(m.id for m in client.models.list()) == sorted(cards)
+    assert client.models.retrieve("student-slim").id == "student-slim"
+    missing = httpx.get(f"{serve_urls.main}/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
 
 
 @pytest.mark.parametrize("model", DEPLOYED)
@@ -242,8 +245,10 @@ def test_per_variant_metrics_on_rays_prometheus_endpoint(serve_urls):
             name = line.split("{", 1)[0]
             if name in wanted and ('model="student-b"' in line or name.startswith("ray_serve")):
                 found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        return found if set(found) == set(wanted) else None
+        if set(found) != set(wanted) or found["ray_slimserve_num_requests_running"] != 0:
+            return None  # not exported yet, or an export from while a request ran
+        return found
 
-    found = wait_until(scraped, timeout=60, interval=1.0, what="metrics to be exported")
+    found = wait_until(scraped, timeout=60, interval=1.0, what="metrics, and running back at 0")
     assert found["ray_slimserve_generation_tokens_total"] >= 16
-    assert found["ray_slimserve_num_requests_running"] == 0
+    assert found["ray_slimserve_num_requests_waiting"] == 0

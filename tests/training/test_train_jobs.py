@@ -283,7 +283,7 @@ def test_interrupted_teacher_resumes_then_student_distils(
 
 
 def test_hub_path_finetunes_a_local_pretrained_folder(ray_session, tmp_path, corpus):
-    """configs/gpt2.yaml with its hub ids replaced by a local tiny GPT-2 folder."""
+    """configs/gpt2.yaml with its hub ids replaced by a local tiny GPT-2 folder, on 2 workers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from slimserve.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
@@ -310,6 +310,7 @@ def test_hub_path_finetunes_a_local_pretrained_folder(ray_session, tmp_path, cor
     raw["data"] = {"source": f"text:{corpus}", "split": {"validation": 0.15, "test": 0.15}}
     raw["tokenizer"]["pretrained"] = str(hub)
     raw["eval"] = {"max_tokens": 2048, "batch_size": 8}
+    raw["training"]["workers"] = 2  # data-parallel (DDP over gloo), one core each
     teacher = raw["variants"]["teacher"]["params"]
     assert teacher["pretrained"] == "gpt2"  # the hub id this test stands in for
     teacher.update(pretrained=str(hub), tokens=2048, batch_size=8, lr=3e-3, warmup_tokens=256)
@@ -320,6 +321,7 @@ def test_hub_path_finetunes_a_local_pretrained_folder(ray_session, tmp_path, cor
     m = rows[0].manifest
     assert m.details["start"] == f"pretrained {hub}"
     assert m.details["val_loss"] < m.details["initial_val_loss"]
+    assert m.details["workers"] == 2 and m.details["cpus_per_worker"] >= 1
     folder = tmp_path / "artifacts" / "gpt2" / "teacher"
     assert_loadable(folder)
     assert json.loads((folder / "config.json").read_text())["n_layer"] == 2

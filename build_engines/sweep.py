@@ -1,0 +1,291 @@
+"""`slimserve sweep prune`: what each pruning amount / ratio costs in quality, and buys in speed.
+
+For one parent (default `student`), in one process:
+
+* **L1 unstructured** at each amount (default 0.1 … 0.9, global ranking, block weights only,
+  as `prune-l1` does): measured sparsity, test perplexity, top-1 agreement with the teacher.
+* **Structured** points (MLP 75 / 50 / 25 %, width with fewer heads, depth with a layer
+  dropped; the `prune-structured` code): parameters, perplexity, agreement, and greedy decode
+  tokens/s at batch 1 and 8 next to the parent (`structured.decode_speed`: interleaved runs,
+  median of `repeats`).
+* **Built variants**: every built `prune-l1` / `prune-structured` child of the parent, with
+  its manifest's figures (after recovery) and the same speed measurement, so the table shows
+  that dense zeros (L1) buy no speed while a slimmer shape does.
+
+Sweep points are *not* recovered (a recovery per point would cost a training run each); the
+built variants are. Everything is measured on the runner's evaluation blocks (test split,
+`eval.max_tokens`). The result is `reports/prune_sweep.{json,md,png}` (`slimserve.reports`).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from build_engines.prune import l1_prune, load_gpt2, measure, teacher_top1, weight_sparsity
+from build_engines.structured import calibration_blocks, decode_speed, n_inner, structured_prune
+from slimserve.artifacts import ArtifactStore
+from slimserve.catalogue import Profile
+from slimserve.reports import Chart, Report, Table, new_report, write_report
+from slimserve.steps import PruneStructuredParams
+from training.kd import non_embedding_params
+
+DEFAULT_AMOUNTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+REPORT_NAME = "prune_sweep"
+PRUNE_STEPS = ("prune-l1", "prune-structured")
+CALIBRATION_BLOCKS = 32  # the structured step's default
+
+
+@dataclass(frozen=True)
+class StructuredPoint:
+    """One structured configuration of the sweep (`PruneStructuredParams` fields)."""
+
+    label: str
+    mlp_keep: float = 1.0
+    heads_keep: int | None = None
+    layers_keep: tuple[int, ...] | None = None
+
+
+def default_points(n_layer: int, n_head: int) -> list[StructuredPoint]:
+    """MLP 75 / 50 / 25 %; one head fewer and half the heads (width); the last layer dropped."""
+    points = [StructuredPoint(f"mlp {k:.0%}", mlp_keep=k) for k in (0.75, 0.5, 0.25)]
+    for k in sorted({n_head - 1, n_head // 2}, reverse=True):
+        if 1 <= k < n_head:
+            points.append(StructuredPoint(f"heads {k}/{n_head}", mlp_keep=0.5, heads_keep=k))
+    if n_layer > 1:
+        keep = tuple(range(n_layer - 1))
+        points.append(StructuredPoint(f"layers {n_layer - 1}/{n_layer}", layers_keep=keep))
+    return points
+
+
+def check_amounts(amounts: Sequence[float]) -> list[float]:
+    if not amounts:
+        raise ValueError("--amounts: give at least one amount")
+    bad = [a for a in amounts if not 0 < a < 1]
+    if bad:
+        raise ValueError(f"--amounts: {bad} outside (0, 1); an amount is a fraction of weights")
+    return sorted(set(amounts))
+
+
+def _ratio(x: float | None, base: float | None) -> float | None:
+    return None if x is None or not base else round(x / base, 4)
+
+
+def run_prune_sweep(
+    profile: Profile,
+    *,
+    parent: str = "student",
+    amounts: Sequence[float] = DEFAULT_AMOUNTS,
+    scope: str = "global",
+    structured: bool = True,
+    points: Sequence[StructuredPoint] | None = None,
+    importance: str = "activation",
+    repeats: int = 5,
+    threads: int = 1,
+    steps: int = 32,
+    reports_dir: str | Path = "reports",
+    png: bool = True,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> tuple[Report, list[Path]]:
+    """Measure every point, write the report; returns it and the paths written."""
+    from slimserve.data import prepare
+
+    amounts = check_amounts(amounts)
+    if scope not in ("global", "layer"):
+        raise ValueError(f"--scope must be 'global' or 'layer', got {scope!r}")
+    if repeats < 1 or steps < 1 or threads < 1:
+        raise ValueError("--repeats, --steps and --threads must be >= 1")
+    if parent not in profile.variants:
+        raise ValueError(f"--parent: no variant {parent!r} (have: {', '.join(profile.variants)})")
+    store = ArtifactStore(profile.artifacts_root(), profile.name)
+    manifest = store.manifest(parent)
+    if manifest is None:
+        raise FileNotFoundError(f"{parent} is not built: run `slimserve build --only {parent}`")
+    if manifest.runtime != "torch":
+        raise ValueError(f"--parent: {parent} is a {manifest.runtime} variant; pruning needs torch")
+    parent_dir = store.path(parent)
+    data = prepare(profile, log)
+    blocks = data.blocks("test", profile.block_size, profile.eval.max_tokens)
+    batch = profile.eval.batch_size
+    teacher_dir = store.path(profile.teacher) if store.manifest(profile.teacher) else None
+    ref = teacher_top1(teacher_dir, blocks, batch)
+    base_model = load_gpt2(parent_dir)
+    base = measure(base_model, blocks, batch, ref)
+    p0 = base["perplexity"]
+    log(f"sweep: {parent} perplexity {p0:.2f}, agreement {base['agreement']}")
+
+    l1_rows: list[dict[str, Any]] = [
+        {"amount": 0.0, "sparsity": 0.0, **base, "ppl_vs_parent": 1.0},
+    ]
+    for amount in amounts:
+        model = copy.deepcopy(base_model)
+        names = l1_prune(model, amount, scope)
+        _, total = weight_sparsity(model, names)
+        m = measure(model, blocks, batch, ref)
+        l1_rows.append(
+            {"amount": amount, "sparsity": total, **m, "ppl_vs_parent": _ratio(m["perplexity"], p0)}
+        )
+        log(f"sweep: L1 {amount:.2f} -> sparsity {total:.4f}, perplexity {m['perplexity']:.2f}")
+    tables = [
+        Table.from_records(f"L1 unstructured pruning of {parent} ({scope}, no recovery)", l1_rows)
+    ]
+    charts = [
+        Chart(title="L1: perplexity vs amount", type="line", table=0, x="amount", y=["perplexity"]),
+        Chart(
+            title="L1: agreement with teacher", type="line", table=0, x="amount", y=["agreement"]
+        ),
+    ]
+
+    built = [
+        name
+        for name, v in profile.variants.items()
+        if v.step in PRUNE_STEPS and v.from_ == parent and store.manifest(name) is not None
+    ]
+    with tempfile.TemporaryDirectory(prefix="prune-sweep-") as tmp:
+        folders: dict[str, Path] = {parent: parent_dir}
+        s_rows: list[dict[str, Any]] = []
+        if structured:
+            cfg = base_model.config
+            calib = None
+            if importance == "activation":
+                calib = calibration_blocks(data, profile.block_size, CALIBRATION_BLOCKS)
+            for pt in points if points is not None else default_points(cfg.n_layer, cfg.n_head):
+                params = PruneStructuredParams(
+                    mlp_keep=pt.mlp_keep,
+                    heads_keep=pt.heads_keep,
+                    layers_keep=list(pt.layers_keep) if pt.layers_keep is not None else None,
+                    importance=importance,  # type: ignore[arg-type]
+                )
+                slim, _ = structured_prune(base_model, params, calib)
+                folders[pt.label] = Path(tmp) / f"point-{len(s_rows)}"
+                slim.save_pretrained(folders[pt.label])
+                m = measure(slim, blocks, batch, ref)
+                c = slim.config
+                s_rows.append(
+                    {
+                        "config": pt.label,
+                        "shape": f"L{c.n_layer} H{c.n_head} E{c.n_embd} I{n_inner(c)}",
+                        "params": sum(t.numel() for t in slim.parameters()),
+                        "non_embedding_params": non_embedding_params(slim),
+                        **m,
+                        "ppl_vs_parent": _ratio(m["perplexity"], p0),
+                    }
+                )
+                log(f"sweep: {pt.label} -> perplexity {m['perplexity']:.2f}")
+        for name in built:
+            folders[name] = store.path(name)
+        log(f"sweep: decode speed of {len(folders)} models (median of {repeats}, interleaved)")
+        speed = decode_speed(folders, (1, 8), repeats, steps, threads=threads)
+
+    def speed_cols(name: str) -> dict[str, Any]:
+        b1, b8 = speed[name]["batch_1"], speed[name]["batch_8"]
+        return {
+            "tok_s_b1": b1,
+            "tok_s_b8": b8,
+            "speedup_b1": _ratio(b1, speed[parent]["batch_1"]),
+            "speedup_b8": _ratio(b8, speed[parent]["batch_8"]),
+        }
+
+    c0 = base_model.config
+    parent_row = {
+        "config": f"{parent} (parent)",
+        "shape": f"L{c0.n_layer} H{c0.n_head} E{c0.n_embd} I{n_inner(c0)}",
+        "params": sum(t.numel() for t in base_model.parameters()),
+        "non_embedding_params": non_embedding_params(base_model),
+        **base,
+        "ppl_vs_parent": 1.0,
+    }
+    if structured:
+        rows = [parent_row | speed_cols(parent)]
+        rows += [r | speed_cols(r["config"]) for r in s_rows]
+        tables.append(Table.from_records(f"Structured pruning of {parent} (no recovery)", rows))
+        t = len(tables) - 1
+        charts.append(
+            Chart(
+                title="Structured: decode speedup, batch 8", table=t, x="config", y=["speedup_b8"]
+            )
+        )
+        charts.append(
+            Chart(
+                title="Structured: perplexity / parent's", table=t, x="config", y=["ppl_vs_parent"]
+            )
+        )
+    b_rows = [
+        {
+            "variant": parent,
+            "step": manifest.step,
+            **_manifest_cols(manifest, p0),
+            **speed_cols(parent),
+        }
+    ]
+    for name in built:
+        m = store.manifest(name)
+        assert m is not None
+        b_rows.append(
+            {"variant": name, "step": m.step, **_manifest_cols(m, p0), **speed_cols(name)}
+        )
+    tables.append(Table.from_records(f"Built variants from {parent} (after recovery)", b_rows))
+
+    notes = _notes(l1_rows, speed, parent, threads, repeats, steps)
+    report = new_report(
+        REPORT_NAME,
+        kind="prune-sweep",
+        title=f"Pruning sweep of {parent} ({profile.name} profile)",
+        tables=tables,
+        charts=charts,
+        notes=notes,
+    )
+    paths = write_report(report, reports_dir, png=png)
+    log(f"sweep: wrote {', '.join(str(p) for p in paths)}")
+    return report, paths
+
+
+def _manifest_cols(m: Any, p0: float) -> dict[str, Any]:
+    """A built variant's figures as its manifest records them (measured by the runner)."""
+    extra = m.metrics.model_dump()
+    return {
+        "params": m.params_total,
+        "params_nonzero": m.params_nonzero,
+        "perplexity": m.metrics.perplexity,
+        "ppl_vs_parent": _ratio(m.metrics.perplexity, p0),
+        "agreement": m.metrics.agreement,
+        "pruned_perplexity": extra.get("pruned_perplexity"),
+    }
+
+
+def _notes(
+    l1_rows: list[dict[str, Any]],
+    speed: dict[str, Any],
+    parent: str,
+    threads: int,
+    repeats: int,
+    steps: int,
+) -> list[str]:
+    """Findings read off the measured rows (nothing here is a constant)."""
+    notes = []
+    ok = [
+        r["amount"]
+        for r in l1_rows[1:]
+        if r["ppl_vs_parent"] is not None and r["ppl_vs_parent"] <= 1.1
+    ]
+    if ok:
+        notes.append(
+            f"L1 without recovery stays within 1.10x the parent's perplexity up to amount {max(ok)}."
+        )
+    worst = l1_rows[-1]
+    notes.append(
+        f"L1 at amount {worst['amount']}: perplexity {worst['perplexity']:.2f} "
+        f"({worst['ppl_vs_parent']}x the parent's), agreement {worst['agreement']}."
+    )
+    notes.append(
+        f"Decode tokens/s: greedy, {steps} steps after a 16-token prompt, torch runtime on CPU, "
+        f"{threads} thread(s), median of {repeats} interleaved runs in one process; "
+        f"{parent}: {speed[parent]['batch_1']} (batch 1), {speed[parent]['batch_8']} (batch 8)."
+    )
+    notes.append("Sweep points are not recovered; built variants are (KD from the teacher).")
+    return notes
