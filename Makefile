@@ -54,3 +54,18 @@ screenshots: artifacts  ## regenerate docs/screenshots/ from the browser test (n
 
 serve: $(STAMP)  ## serve every built variant: OpenAI-compatible API on :8000 (serve_config.yaml)
 	$(BIN)/serve run serve_config.yaml
+
+.PHONY: docker kuberay test-cluster
+
+DOCKER_TARGET ?= cpu
+BUILD_ARTIFACTS ?= false
+
+docker:  ## build the image slimserve:$(DOCKER_TARGET) (cpu | gpu; BUILD_ARTIFACTS=true bakes tiny in)
+	docker build --target $(DOCKER_TARGET) --build-arg BUILD_ARTIFACTS=$(BUILD_ARTIFACTS) \
+		-t slimserve:$(DOCKER_TARGET) .
+
+kuberay: $(STAMP)  ## regenerate deploy/kuberay/rayservice.yaml's serveConfigV2 from serve_config.yaml
+	$(BIN)/python deploy/gen_rayservice.py
+
+test-cluster: $(STAMP)  ## two Ray nodes on this machine: 2 training workers, 2 replicas (~2 min)
+	$(BIN)/python -m pytest -q -m cluster tests/cluster

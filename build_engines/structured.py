@@ -79,7 +79,7 @@ def n_inner(config: GPT2Config) -> int:
 
 
 def check_params(config: GPT2Config, p: PruneStructuredParams) -> None:
-    """Reject what would leave zero neurons / heads / layers, or remove nothing (names the param)."""
+    """Refuse ratios that leave zero neurons, heads or layers, or remove nothing (names it)."""
     width = n_inner(config)
     if round(p.mlp_keep * width) < 1:
         raise ValueError(
@@ -200,6 +200,11 @@ def apply_plan(model: GPT2LMHeadModel, plan: SlimPlan) -> GPT2LMHeadModel:
     cfg = model.config
     e, d = cfg.n_embd, cfg.n_embd // cfg.n_head
     ch = plan.channels
+    if len({len(h) for h in plan.heads}) != 1 or len({len(n) for n in plan.neurons}) != 1:
+        raise ValueError("a GPT-2 config has one n_head and one n_inner: keep as many per layer")
+    if len(ch) != len(plan.heads[0]) * d:
+        k = len(plan.heads[0])
+        raise ValueError(f"n_embd must be heads × head_dim: {len(ch)} != {k} × {d}")
     src = {k: v.detach() for k, v in model.state_dict().items()}
     config = copy.deepcopy(cfg)
     config.n_layer, config.n_embd = len(plan.layers), len(ch)

@@ -268,14 +268,14 @@ def _notes(
 ) -> list[str]:
     """Findings read off the measured rows (nothing here is a constant)."""
     notes = []
-    ok = [
-        r["amount"]
-        for r in l1_rows[1:]
-        if r["ppl_vs_parent"] is not None and r["ppl_vs_parent"] <= 1.1
-    ]
-    if ok:
+    within = None  # the largest amount up to which every amount stays within 1.10x
+    for r in l1_rows[1:]:
+        if r["ppl_vs_parent"] is None or r["ppl_vs_parent"] > 1.1:
+            break
+        within = r["amount"]
+    if within is not None:
         notes.append(
-            f"L1 without recovery stays within 1.10x the parent's perplexity up to amount {max(ok)}."
+            f"L1 without recovery stays within 1.10x the parent's perplexity up to {within}."
         )
     worst = l1_rows[-1]
     notes.append(

@@ -10,6 +10,7 @@ import httpx
 import streamlit as st
 
 from dashboard.client import IngressClient, IngressError, Sampling, Settings, with_overrides
+from dashboard.render import escape_markdown
 from slimserve.protocol import ModelCard, ModelList
 
 # Tests put an `httpx.MockTransport` here to stand in for the ingress (None = real network).
@@ -74,7 +75,8 @@ def show_error(err: IngressError, doing: str) -> None:
     """One clear message for a failed call; `doing` says what the page was trying to do."""
     title = _TITLES.get(err.kind, "Error")
     status = f" (HTTP {err.status})" if err.status else ""
-    text = f"**{title}{status}** while {doing}: {err.message}"
+    # the message may quote server text (or a prompt): escaped, it is shown, never interpreted
+    text = f"**{title}{status}** while {doing}: {escape_markdown(err.message)}"
     if err.retry_after:
         text += f" Retry after {err.retry_after:g} s."
     hint = _HINTS.get(err.kind, "")

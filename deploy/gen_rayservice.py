@@ -1,12 +1,12 @@
 """Derive the deployment configs from serve_config.yaml, so they never drift from it.
 
-`serve_config.yaml` is the one Serve config: `make serve` runs it, and so do the Docker image
-and the KubeRay RayService. Only one thing differs there: a container or a pod must accept
-connections from outside itself, so the proxy binds 0.0.0.0 instead of 127.0.0.1.
+`serve_config.yaml` is the one Serve config: `make serve` runs it, and so do the Docker image,
+a multi-machine Ray cluster and the KubeRay RayService. Only one thing differs there: they must
+accept connections from other machines, so the proxy binds 0.0.0.0 instead of 127.0.0.1.
 
-    python deploy/gen_rayservice.py                    # rewrite the RayService (= make kuberay)
-    python deploy/gen_rayservice.py --check            # exit 1 when it is out of date
-    python deploy/gen_rayservice.py --container-config OUT   # the image's serve_config.yaml
+    python deploy/gen_rayservice.py                 # rewrite the RayService (= make kuberay)
+    python deploy/gen_rayservice.py --check         # exit 1 when it is out of date
+    python deploy/gen_rayservice.py --bind-all OUT  # serve_config.yaml bound to 0.0.0.0
 
 Only `spec.serveConfigV2` of deploy/kuberay/rayservice.yaml is generated; the rest of that
 file (head and GPU worker groups, volumes) is written by hand, and its comments survive.
@@ -28,9 +28,7 @@ SERVE_CONFIG = ROOT / "serve_config.yaml"
 RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 ALL_INTERFACES = "0.0.0.0"
 HEADER = "# generated from serve_config.yaml by `make kuberay`: edit that file, not this block"
-CONTAINER_HEADER = (
-    "# serve_config.yaml bound to 0.0.0.0 for the container (deploy/gen_rayservice.py)"
-)
+BIND_ALL_HEADER = "# serve_config.yaml bound to 0.0.0.0 by deploy/gen_rayservice.py --bind-all"
 
 # `serveConfigV2: |` (a YAML literal block) and the indentation of its key.
 _BLOCK_KEY = re.compile(r"^(?P<indent>[ ]*)serveConfigV2:[ ]*\|[-+]?[ ]*$")
@@ -101,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="change nothing; exit 1 if the manifest is stale"
     )
     parser.add_argument(
-        "--container-config",
+        "--bind-all",
         type=Path,
         metavar="OUT",
-        help="instead: write the Serve config bound to 0.0.0.0 to OUT (used by the Dockerfile)",
+        help="instead: write the Serve config bound to 0.0.0.0 to OUT (image, Ray cluster)",
     )
     ns = parser.parse_args(argv)
     config = load_serve_config(ns.serve_config)
-    if ns.container_config is not None:
-        ns.container_config.write_text(dump(bind_all_interfaces(config), CONTAINER_HEADER))
+    if ns.bind_all is not None:
+        ns.bind_all.write_text(dump(bind_all_interfaces(config), BIND_ALL_HEADER))
         return 0
     current = ns.manifest.read_text()
     wanted = render_rayservice(current, config)

@@ -30,7 +30,7 @@ from slimserve.artifacts import (
 from slimserve.catalogue import CatalogueError, Profile, parse_profile
 from slimserve.data import prepare
 from slimserve.evaluate import evaluate_folder
-from slimserve.runner import StepContext, build, deps_hash
+from slimserve.runner import StepContext, build, count_safetensors, deps_hash
 from slimserve.tokenizer import copy_tokenizer_files
 
 BLOCK = 32
@@ -64,25 +64,27 @@ def write_corpus(folder: Path) -> Path:
     return folder
 
 
-def tiny_profile(root: Path, corpus: Path, variants: dict[str, Any] | None = None) -> Profile:
+def tiny_profile_raw(root: Path, corpus: Path, variants: dict[str, Any] | None = None) -> dict:
     """Teacher + student (`seed_store` writes them, nothing trains them) plus `variants`."""
     model = {"n_layer": 3, "n_head": 4, "n_embd": 32}
-    return parse_profile(
-        {
-            "name": "t",
-            "artifacts_dir": str(root),
-            "block_size": BLOCK,
-            "data": {"source": f"text:{corpus}", "split": {"validation": 0.15, "test": 0.15}},
-            "tokenizer": {"kind": "bpe", "vocab_size": 300},
-            "training": {"workers": 1, "use_gpu": False},
-            "eval": {"max_tokens": 1024, "batch_size": 8},
-            "variants": {
-                "teacher": {"step": "finetune", "params": {"model": model, "tokens": 4096}},
-                "student": {"step": "distill", "from": "teacher", "params": {"tokens": 2048}},
-                **(variants or {}),
-            },
-        }
-    )
+    return {
+        "name": "t",
+        "artifacts_dir": str(root),
+        "block_size": BLOCK,
+        "data": {"source": f"text:{corpus}", "split": {"validation": 0.15, "test": 0.15}},
+        "tokenizer": {"kind": "bpe", "vocab_size": 300},
+        "training": {"workers": 1, "use_gpu": False},
+        "eval": {"max_tokens": 1024, "batch_size": 8},
+        "variants": {
+            "teacher": {"step": "finetune", "params": {"model": model, "tokens": 4096}},
+            "student": {"step": "distill", "from": "teacher", "params": {"tokens": 2048}},
+            **(variants or {}),
+        },
+    }
+
+
+def tiny_profile(root: Path, corpus: Path, variants: dict[str, Any] | None = None) -> Profile:
+    return parse_profile(tiny_profile_raw(root, corpus, variants))
 
 
 def seed_store(root: Path, corpus: Path) -> None:
@@ -109,6 +111,7 @@ def seed_store(root: Path, corpus: Path) -> None:
             teacher = None if name == "teacher" else store.path("teacher")
             m.metrics = Metrics(**evaluate_folder(tmp, profile, data, teacher, log=lambda _: None))
             m.bytes = folder_bytes(tmp)
+            m.params_total, m.params_nonzero = count_safetensors(tmp)
             write_manifest(tmp, m)
 
 

@@ -8,7 +8,7 @@ It starts a Ray head and a second Ray node as separate processes on loopback
 (`ray.cluster_utils.Cluster`), each with ONE CPU and a custom resource naming it, then runs the
 same commands the cluster docs give (docs/cluster.md):
 
-1. `slimserve build` (through `slimserve.runner.build`, the CLI's function) of a tiny profile
+1. `slimserve build` (the CLI, joining the cluster through `RAY_ADDRESS`) of a tiny profile
    resized by `deploy/cluster_profile.py --workers 2 --use-gpu false`: Ray Train needs a CPU
    per worker and each node has one, so the two workers (a DDP process group over gloo) must
    run on different nodes.
@@ -143,22 +143,32 @@ def actors(class_name: str) -> list[dict[str, Any]]:
     ]
 
 
-def train(profile_path: Path) -> dict[str, Any]:
-    """`slimserve build` of the tiny profile on the connected cluster."""
-    from slimserve.catalogue import load_profile
-    from slimserve.runner import build
+def train(profile_path: Path, workdir: Path) -> dict[str, Any]:
+    """`slimserve build` (the CLI, as the docs run it) of the resized profile on the cluster."""
+    from slimserve.artifacts import read_manifest
 
+    artifacts = workdir / "artifacts"
     t0 = time.monotonic()
-    rows = build(load_profile(profile_path))
-    (row,) = rows
-    manifest = row.manifest
-    return {
-        "status": row.status,
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "slimserve"), "build", "--config", str(profile_path)]
+        + ["--artifacts", str(artifacts)],
+        cwd=ROOT,
+        env=os.environ.copy(),  # RAY_ADDRESS: the build joins this cluster (training.trainer)
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result: dict[str, Any] = {
+        "build_rc": cli.returncode,
+        "build_tail": (cli.stdout + cli.stderr)[-2000:],
         "seconds": round(time.monotonic() - t0, 1),
-        "details": manifest.details if manifest else None,
-        "perplexity": manifest.metrics.perplexity if manifest else None,
         "workers": actors("RayTrainWorker"),
     }
+    folder = artifacts / PROFILE_NAME / VARIANT
+    if (folder / "manifest.json").is_file():
+        manifest = read_manifest(folder)
+        result.update(details=manifest.details, perplexity=manifest.metrics.perplexity)
+    return result
 
 
 def wait_running(deadline: float) -> dict[str, Any]:
@@ -279,8 +289,8 @@ def run(workdir: Path) -> dict[str, Any]:
         }
         result["cluster_seconds"] = round(time.monotonic() - t0, 1)
         log(f"cluster up: {len(result['nodes'])} nodes")
-        result["train"] = train(profile)
-        log(f"trained: {result['train']['status']} in {result['train']['seconds']} s")
+        result["train"] = train(profile, workdir)
+        log(f"trained: rc {result['train']['build_rc']} in {result['train']['seconds']} s")
         result["serve"] = serve_two_replicas(workdir, profile, cluster.address)
         log(f"served: {result['serve']['deploy']}")
     except Exception:

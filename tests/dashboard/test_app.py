@@ -183,6 +183,10 @@ def test_chat_failures_are_messages(ingress, failure):
     ingress.fail["/v1/chat/completions"] = failure
     send(at, "hi")
     assert SAYS[failure] in notices(at)
+    if failure.isdigit():  # the ingress's own message is shown too
+        assert f"injected {failure}" in notices(at)
+    if failure == "503":
+        assert "Retry after 2 s" in notices(at)
     assert at.session_state["chat_history"] == [{"role": "user", "content": "hi"}]
 
 
@@ -232,7 +236,7 @@ def test_a_real_closed_port_is_explained(monkeypatch, tmp_path):
         at = open_page(page)
         if page != "benchmarks":
             assert "Cannot reach the ingress" in notices(at)
-            assert f"127.0.0.1:{port}" in notices(at)
+            assert escape_markdown(f"127.0.0.1:{port}") in notices(at)
 
 
 @pytest.mark.parametrize("failure", ["refused", "timeout", "503"])

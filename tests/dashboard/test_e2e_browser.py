@@ -150,7 +150,8 @@ def dashboard_url(ingress_url, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    sync_playwright = sync_api.sync_playwright
 
     with sync_playwright() as p:
         chromium = p.chromium.launch(
