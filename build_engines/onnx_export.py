@@ -20,6 +20,7 @@ com.microsoft ops that TensorRT cannot parse: build-trt refuses such a parent wi
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import statistics
 import tempfile
@@ -149,12 +150,18 @@ def export_kv_onnx(
     inputs, outputs = io_names(cfg.n_layer)
     args = _example(cfg)
     start = time.time()
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
     with warnings.catch_warnings():
         # axis-renaming notes and pytree deprecations from torch.export: noise, not problems
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        _export(wrapper, cfg, args, path, inputs, outputs, opset, exporter)
+        try:
+            _export(wrapper, cfg, args, path, inputs, outputs, opset, exporter)
+        finally:
+            registration.setLevel(level)
     return {
         "exporter": exporter,
         "opset": opset,
@@ -325,6 +332,8 @@ def export_folder(
     details["optimize"] = {"requested": params.optimize, "kept": False}
     if params.optimize:
         details["optimize"].update(_try_optimize(out_dir, cfg, ref, args, log))
+        details["onnx_bytes"] = path.stat().st_size  # the graph kept
+        details["file_ratio"] = round(path.stat().st_size / st_bytes, 4) if st_bytes else None
     details.update(params_total=weights["params_total"], params_nonzero=weights["params_nonzero"])
     return details
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from deployments.settings import (
     resolve,
     resolve_path,
 )
-from slimserve.artifacts import ArtifactError, ArtifactStore, Manifest
+from slimserve.artifacts import MANIFEST, ArtifactError, ArtifactStore, Manifest
 from slimserve.catalogue import Profile, load_profile
 from slimserve.protocol import ModelCard
 
@@ -90,6 +91,76 @@ def context_length(folder: Path, manifest: Manifest) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "onnx.json", "trt.json")
+WEIGHTS = {
+    "torch": ("model.safetensors", "pytorch_model.bin"),
+    "onnxruntime": ("model.onnx",),
+    "tensorrt": ("model.plan",),
+}
+
+
+def check_files(folder: Path, manifest: Manifest) -> str | None:
+    """Why the folder's files do not match its manifest (missing, truncated, corrupt), or None.
+
+    Cheap checks run at deploy time, so a broken artifact becomes "unavailable: <reason>"
+    in /v1/models instead of a replica that fails to start and takes the application with it:
+    the weights exist (model.onnx: the one the `onnx.json` sidecar names), every JSON sidecar
+    parses, a safetensors file is exactly as long as its header says, and the files add up to
+    `manifest.bytes`. The build writes `bytes` with a provisional manifest in the folder, so
+    the data files may fall short of it by at most the size of the final manifest.
+    """
+    for name in JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, OSError) as exc:
+                return f"{name} is corrupt ({type(exc).__name__})"
+    if manifest.runtime == "torch" and not (folder / "config.json").is_file():
+        return "config.json is missing"
+    weights = list(WEIGHTS.get(manifest.runtime, ()))
+    sidecar = folder / "onnx.json"
+    if manifest.runtime == "onnxruntime" and sidecar.is_file():
+        meta_json = json.loads(sidecar.read_bytes())
+        named = meta_json.get("model") if isinstance(meta_json, dict) else None
+        weights = [Path(named).name] if isinstance(named, str) else weights
+    found = [folder / w for w in weights if (folder / w).is_file()]
+    if not found:
+        return f"weights missing (none of {', '.join(weights)})"
+    for path in found:
+        if path.suffix == ".safetensors" and (why := _safetensors_problem(path)):
+            return f"{path.name} is {why}"
+    if manifest.bytes > 0:
+        meta = folder / MANIFEST
+        data = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p != meta)
+        slack = manifest.bytes - data
+        if not 0 <= slack <= meta.stat().st_size:
+            return (
+                f"files hold {data} bytes, the manifest says {manifest.bytes} (changed since built)"
+            )
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors; its
+    length must be exactly where the last tensor ends (a truncated copy is shorter)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return "truncated (header)"
+            header = json.loads(f.read(n))
+        end = max(
+            (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        return f"corrupt ({type(exc).__name__})"
+    if 8 + n + end != size:
+        return f"truncated ({size} bytes, expected {8 + n + end})"
+    return None
+
+
 def plan_variant(
     name: str, profile: Profile, store: ArtifactStore, s: VariantSettings, gpus: float
 ) -> VariantPlan:
@@ -105,6 +176,10 @@ def plan_variant(
         card.reason = NOT_BUILT
         return VariantPlan(card=card)
     folder = store.path(name)
+    problem = check_files(folder, manifest)
+    if problem is not None:
+        card.reason = f"unavailable: {problem}"
+        log.warning("%s: %s", name, card.reason)
     card.created = int(manifest.created)
     card.runtime = manifest.runtime
     card.params_total = manifest.params_total
@@ -113,6 +188,8 @@ def plan_variant(
     card.perplexity = manifest.metrics.perplexity
     card.agreement = manifest.metrics.agreement
     card.context_length = context_length(folder, manifest)
+    if problem is not None:
+        return VariantPlan(card=card)
     if not s.enabled:
         card.reason = f"disabled in serve_config.yaml (args.variants.{name}.enabled: false)"
         return VariantPlan(card=card)

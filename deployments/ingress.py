@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -56,6 +57,12 @@ from slimserve.protocol import (
 )
 
 log = logging.getLogger("ray.serve")
+RETRYABLE = (RayActorError, DeploymentUnavailableError)
+"""A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
+RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
+RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
+CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
+"""Comma-separated origins allowed to call the API from a browser; unset = CORS off."""
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 503)
 }
@@ -86,6 +93,7 @@ class Ingress:
         self.machine: dict[str, Any] = catalogue.get("machine", {})
         # Read once per replica: a key set in the environment that started Serve.
         self.api_key = os.environ.get(self.settings.api_key_env) or None
+        self.cors_origins = cors_origins(os.environ.get(CORS_ENV, ""))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self)
@@ -118,44 +126,73 @@ class Ingress:
     async def call(self, make: Callable[[], DeploymentResponse], deadline: float) -> Any:
         """Await one non-streamed replica call; map Serve's failures to HTTP errors.
 
-        RETRY SEAM (issue 10): `make` issues the call, so a retry of a request whose replica
-        died (RayActorError) can call it again here; streams cannot be retried once started.
+        A replica that dies under a request (killed, crashed, OOM) loses it, and Serve does not
+        resend it (REFERENCE.md): generation has no side effects, so the call is retried on
+        another replica, at most RETRY_ATTEMPTS times in all and never past the deadline.
+        Overload (BackPressureError) is not retried: the client gets its 503 at once.
         """
-        response = make()
-        try:
-            result = await asyncio.wait_for(_wait(response), self._left(deadline))
-        except TimeoutError:
-            response.cancel()
-            raise self._timeout() from None
-        except asyncio.CancelledError:  # the client disconnected: stop the replica's work
-            response.cancel()
-            raise
-        except Exception as exc:
-            raise _unavailable(exc) from exc
-        if isinstance(result, dict) and "error" in result:
-            raise ApiError.from_data(result["error"])
-        return result
+        attempt = 0
+        while True:
+            attempt += 1
+            response = make()
+            try:
+                result = await asyncio.wait_for(_wait(response), self._left(deadline))
+            except TimeoutError:
+                response.cancel()
+                raise self._timeout() from None
+            except asyncio.CancelledError:  # the client disconnected: stop the replica's work
+                response.cancel()
+                raise
+            except Exception as exc:
+                if not await self._retry(exc, attempt, deadline):
+                    raise _unavailable(exc) from exc
+                continue
+            if isinstance(result, dict) and "error" in result:
+                raise ApiError.from_data(result["error"])
+            return result
+
+    async def _retry(self, exc: Exception, attempt: int, deadline: float) -> bool:
+        """Whether a failed call may go again (after a short backoff that fits the deadline)."""
+        if not isinstance(exc, RETRYABLE) or attempt >= RETRY_ATTEMPTS:
+            return False
+        pause = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+        if time.monotonic() + pause >= deadline:
+            return False
+        log.warning(
+            "replica lost (%s); retry %d of %d", type(exc).__name__, attempt, RETRY_ATTEMPTS - 1
+        )
+        await asyncio.sleep(pause)
+        return True
 
     async def open_stream(
         self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float
     ) -> DeploymentResponseGenerator:
-        """Start a streamed call and wait for its first event, so errors are still HTTP 4xx."""
-        gen = handle.options(stream=True).stream.remote(payload)
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
-        except TimeoutError:
-            gen.cancel()
-            raise self._timeout() from None
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        except Exception as exc:
-            gen.cancel()
-            raise _unavailable(exc) from exc
-        if first["event"] == "error":
-            gen.cancel()
-            raise ApiError.from_data(first["error"])
-        return gen
+        """Start a streamed call and wait for its first event, so errors are still HTTP 4xx.
+
+        Nothing has reached the client before the first event, so a replica lost by then is
+        retried like a non-streamed call; after it, `sse` ends the stream with an error event.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            gen = handle.options(stream=True).stream.remote(payload)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
+            except TimeoutError:
+                gen.cancel()
+                raise self._timeout() from None
+            except asyncio.CancelledError:
+                gen.cancel()
+                raise
+            except Exception as exc:
+                gen.cancel()
+                if not await self._retry(exc, attempt, deadline):
+                    raise _unavailable(exc) from exc
+                continue
+            if first["event"] == "error":
+                gen.cancel()
+                raise ApiError.from_data(first["error"])
+            return gen
 
     async def sse(
         self, gen: DeploymentResponseGenerator, fmt: ChunkFormatter, deadline: float
@@ -177,8 +214,8 @@ class Ingress:
         except TimeoutError:
             yield frame(self._timeout().payload())
         except Exception as exc:  # mid-stream: the status line is gone, send an error frame
-            log.exception("stream failed for %s", fmt.model)
-            yield frame(envelope(error(500, f"generation failed: {type(exc).__name__}")))
+            log.warning("stream failed for %s: %r", fmt.model, exc)
+            yield frame(_stream_error(exc))
         finally:
             if not finished:
                 gen.cancel()
@@ -252,6 +289,17 @@ async def _wait(response: DeploymentResponse) -> Any:
     return await response
 
 
+def _stream_error(exc: Exception) -> dict[str, Any]:
+    """The error event of a stream that broke after its first frame (then `[DONE]` follows).
+
+    A lost replica is a 503 (retry the request); anything else is a 500.
+    """
+    if isinstance(exc, RETRYABLE):
+        msg = f"the replica serving this stream was lost ({type(exc).__name__}); retry the request"
+        return envelope(error(503, msg))
+    return envelope(error(500, f"generation failed: {type(exc).__name__}"))
+
+
 def _unavailable(exc: Exception) -> Exception:
     """Serve's overload / failure exceptions as 503s; anything else stays a 500."""
     if isinstance(exc, BackPressureError):
@@ -266,6 +314,11 @@ def _unavailable(exc: Exception) -> Exception:
     return exc
 
 
+def cors_origins(value: str) -> list[str]:
+    """`SLIMSERVE_CORS_ORIGINS` as a list ("" = CORS off: browsers on other origins are refused)."""
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
 def create_app(ing: Ingress) -> FastAPI:
     """The FastAPI app of one ingress replica (docs at /docs)."""
     app = FastAPI(
@@ -278,6 +331,13 @@ def create_app(ing: Ingress) -> FastAPI:
     )
     install(app)
     app.add_middleware(Guard, api_key=ing.api_key, max_body_bytes=ing.settings.max_body_bytes)
+    if ing.cors_origins:  # outermost, so a browser's preflight (no API key) is answered here
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=ing.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest) -> Any:

@@ -1,0 +1,212 @@
+"""The older projects' serving architecture, rebuilt as the baseline slimserve is raced against.
+
+One Flask process (`threaded=True`: a thread per request), torch limited to 2 threads, one
+Hugging Face `model.generate` call per request (no batching across requests), and streaming
+through `TextIteratorStreamer` (generate runs in a helper thread and the request thread
+relays the text it yields). It speaks just enough of slimserve's API (`POST /v1/completions`
+with `prompt`, `max_tokens`, `temperature`, `top_p`, `top_k`, `stream`,
+`stream_options.include_usage`; `GET /healthz`) that the same load generator
+(`bench/serving.py`) drives both servers with the same requests.
+
+It is faithful on purpose, not tuned: TextIteratorStreamer emits text at word boundaries (it
+holds a token back until a space or newline), so its SSE frames carry a word, and its time to
+first token is time to the first word; that is what the older streaming endpoint sent.
+
+Run it alone: `python -m bench.baseline artifacts/tiny/student --port 8100`; or from code:
+`with start_baseline(folder) as url: ...` (its own process, 2 torch threads, a free port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+THREADS = 2
+
+
+def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
+    """The Flask app: the model and tokenizer are loaded once and shared by request threads."""
+    import torch
+    from flask import Flask, Response, jsonify, request, stream_with_context
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eos = model.config.eos_token_id
+    name = Path(model_dir).name
+    app = Flask("slimserve-baseline")
+
+    def gen_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+        ids = tokenizer(body["prompt"], return_tensors="pt")
+        temperature = float(body.get("temperature", 1.0))
+        kwargs: dict[str, Any] = {
+            **ids,
+            "max_new_tokens": int(body.get("max_tokens", 16)),
+            "pad_token_id": eos,
+            "eos_token_id": eos,
+            "do_sample": temperature > 0,
+        }
+        if temperature > 0:
+            kwargs.update(
+                temperature=temperature,
+                top_p=float(body.get("top_p", 1.0)),
+                top_k=int(body.get("top_k", 0)),
+            )
+        return kwargs
+
+    def generate(kwargs: dict[str, Any]) -> Any:
+        # Each Flask thread gets torch's thread count on first use: pin it per thread.
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model.generate(**kwargs)
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def chunk(rid: str, text: str, reason: str | None, use: dict | None = None) -> str:
+        choices = [] if use else [{"index": 0, "text": text, "finish_reason": reason}]
+        payload: dict[str, Any] = {"id": rid, "object": "text_completion", "model": name}
+        payload["choices"] = choices
+        if use:
+            payload["usage"] = use
+        return f"data: {json.dumps(payload)}\n\n"
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        return jsonify({"status": "ok", "model": name, "threads": torch.get_num_threads()})
+
+    @app.post("/v1/completions")
+    def completions() -> Any:
+        body = request.get_json(force=True)
+        kwargs = gen_kwargs(body)
+        n_prompt = int(kwargs["input_ids"].shape[1])
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if not body.get("stream"):
+            out = generate(kwargs)[0, n_prompt:]
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            n_out = int(out.shape[0])
+            reason = "length" if n_out >= kwargs["max_new_tokens"] else "stop"
+            choice = {"index": 0, "text": text, "finish_reason": reason}
+            return jsonify(
+                {"id": rid, "object": "text_completion", "model": name, "choices": [choice]}
+                | {"usage": usage(n_prompt, n_out)}
+            )
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        holder: dict[str, Any] = {}
+
+        def work() -> None:
+            holder["out"] = generate({**kwargs, "streamer": streamer})
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def events() -> Iterator[str]:
+            for text in streamer:
+                if text:
+                    yield chunk(rid, text, None)
+            worker.join()
+            n_out = int(holder["out"].shape[1]) - n_prompt
+            yield chunk(rid, "", "length" if n_out >= kwargs["max_new_tokens"] else "stop")
+            if with_usage:
+                yield chunk(rid, "", None, usage(n_prompt, n_out))
+            yield "data: [DONE]\n\n"
+
+        return Response(stream_with_context(events()), mimetype="text/event-stream")
+
+    return app
+
+
+def serve(model_dir: str | Path, host: str, port: int, threads: int = THREADS) -> None:
+    """Run the Flask development server, one thread per request (the older setup)."""
+    app = create_app(model_dir, threads)
+    app.run(host=host, port=port, threaded=True, use_reloader=False)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def start_baseline(
+    model_dir: str | Path,
+    *,
+    port: int | None = None,
+    threads: int = THREADS,
+    timeout_s: float = 180.0,
+    log: str | Path | None = None,
+) -> Iterator[str]:
+    """Run the baseline as its own process on a free port; yield its URL; stop it after.
+
+    OMP/MKL thread variables are set too, so every thread torch creates in that process uses
+    `threads` intra-op threads, whatever thread the request runs on.
+    """
+    if port is None:
+        from bench.serving import free_port
+
+        port = free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [sys.executable, "-m", "bench.baseline", str(model_dir), "--port", str(port)]
+    cmd += ["--threads", str(threads)]
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"baseline server exited with {proc.returncode} (log: {log})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"baseline server not healthy after {timeout_s:.0f}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a Hugging Face GPT-2 folder (e.g. the student)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    parser.add_argument("--port", type=int, default=8100, help="HTTP port")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    serve(args.model_dir, args.host, args.port, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

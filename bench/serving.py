@@ -1,0 +1,265 @@
+"""Closed-loop HTTP load generator for `/v1/completions`: slimserve's ingress or the baseline.
+
+Closed loop (as vLLM's and TGI's benchmarks run it at a fixed concurrency): C clients each send
+a request, wait for the whole answer, and send the next, until `requests` have been sent; so
+the server always holds C requests, and req/s is what it sustains at that concurrency. The
+prompts cycle through a fixed list, every request asks for the same `max_tokens`, greedy.
+
+Per request it records the client-side view, which is what a user sees through every hop:
+
+* `e2e` — from sending the request to the last byte;
+* `ttft` — streamed only: to the first SSE frame that carries generated text;
+* `tpot` — streamed only: (e2e - ttft) / (output tokens - 1);
+* output tokens — the `usage` the server reports (`stream_options.include_usage` for streams).
+
+aiohttp, not httpx: the generator shares the 2 cores with the server it measures, and aiohttp
+parses a streamed response with several times less CPU per frame, so less of the machine goes
+to the measuring side (both servers pay the same client cost either way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from bench.engine_bench import PROMPTS, _pct
+
+DATA = b"data: "
+
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it."""
+
+    ok: bool
+    e2e_s: float
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    frames: int = 0  # SSE frames that carried text (streamed only)
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass
+class LevelResult:
+    """Every request of one (concurrency, streamed) level and the wall time they took."""
+
+    concurrency: int
+    stream: bool
+    wall_s: float
+    results: list[RequestResult] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The figures every slimserve benchmark prints (DESIGN.md), latencies in ms."""
+        ok = [r for r in self.results if r.ok]
+        tokens = sum(r.output_tokens for r in ok)
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        tpot = [t for t in (r.tpot_s for r in ok) if t is not None]
+        e2e = [r.e2e_s for r in ok]
+        frames = sum(r.frames for r in ok)
+        return {
+            "concurrency": self.concurrency,
+            "stream": self.stream,
+            "ok": len(ok),
+            "failed": len(self.results) - len(ok),
+            "req_s": _r(len(ok) / self.wall_s),
+            "out_tok_s": _r(tokens / self.wall_s),
+            "ttft_p50_ms": _ms(_pct(ttft, 50)),
+            "ttft_p99_ms": _ms(_pct(ttft, 99)),
+            "tpot_p50_ms": _ms(_pct(tpot, 50)),
+            "tpot_p99_ms": _ms(_pct(tpot, 99)),
+            "e2e_p50_ms": _ms(_pct(e2e, 50)),
+            "e2e_p99_ms": _ms(_pct(e2e, 99)),
+            "tokens_per_req": _r(statistics.mean(r.output_tokens for r in ok)) if ok else None,
+            "tokens_per_frame": _r(tokens / frames) if self.stream and frames else None,
+        }
+
+    def errors(self) -> list[str]:
+        return sorted({r.error for r in self.results if r.error})
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for the servers a bench starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _r(x: float) -> float:
+    return round(x, 2)
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 1)
+
+
+def _body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float
+) -> RequestResult:
+    """Send one request; never raises (a failure is a result with `ok=False`)."""
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(url, json=body) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:80]
+                    return RequestResult(
+                        False, time.perf_counter() - t0, error=f"HTTP {resp.status}: {text}"
+                    )
+                if not body["stream"]:
+                    data = await resp.json()
+                    tokens = int(data["usage"]["completion_tokens"])
+                    return RequestResult(True, time.perf_counter() - t0, tokens)
+                return await _read_stream(resp, t0)
+    except TimeoutError:
+        return RequestResult(False, time.perf_counter() - t0, error="client timeout")
+    except (aiohttp.ClientError, ValueError, KeyError) as exc:
+        return RequestResult(False, time.perf_counter() - t0, error=type(exc).__name__)
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, t0: float) -> RequestResult:
+    """Parse SSE frames: TTFT at the first text, tokens from the usage frame, then [DONE]."""
+    ttft = None
+    frames = 0
+    tokens: int | None = None
+    done = False
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(DATA):
+            continue
+        payload = line[len(DATA) :]
+        if payload == b"[DONE]":
+            done = True
+            break
+        event = json.loads(payload)
+        if "error" in event:
+            return RequestResult(False, time.perf_counter() - t0, error="error frame")
+        if event.get("usage"):
+            tokens = int(event["usage"]["completion_tokens"])
+        for choice in event.get("choices") or ():
+            if choice.get("text"):
+                frames += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    e2e = time.perf_counter() - t0
+    if not done or tokens is None:
+        return RequestResult(False, e2e, error="stream ended without usage and [DONE]")
+    return RequestResult(True, e2e, tokens, ttft if ttft is not None else e2e, frames)
+
+
+async def run_level(
+    base_url: str,
+    *,
+    model: str,
+    concurrency: int,
+    requests: int,
+    stream: bool,
+    max_tokens: int = 64,
+    prompts: Sequence[str] = PROMPTS,
+    warmup: int = 1,
+    timeout_s: float = 300.0,
+) -> LevelResult:
+    """`requests` requests from `concurrency` closed-loop clients (after `warmup` per client).
+
+    The warm-up round (one request per client, at the same concurrency) opens the connections
+    and lets the server reach its steady state; it is not counted.
+    """
+    if concurrency < 1 or requests < 1 or max_tokens < 1:
+        raise ValueError("concurrency, requests and max_tokens must be >= 1")
+    url = base_url.rstrip("/") + "/v1/completions"
+    conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        def body(i: int) -> dict[str, Any]:
+            return _body(model, prompts[i % len(prompts)], max_tokens, stream)
+
+        if warmup:
+            await asyncio.gather(
+                *(_one(session, url, body(i), timeout_s) for i in range(concurrency * warmup))
+            )
+        counter = iter(range(requests))
+        results: list[RequestResult] = []
+
+        async def client() -> None:
+            for i in counter:  # shared iterator: each request index is taken once
+                results.append(await _one(session, url, body(i), timeout_s))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return LevelResult(concurrency, stream, wall, results)
+
+
+def run_levels(
+    base_url: str,
+    *,
+    model: str,
+    concurrencies: Sequence[int] = (1, 4, 16, 32),
+    streams: Sequence[bool] = (False, True),
+    requests_per_client: int = 4,
+    min_requests: int = 16,
+    max_tokens: int = 64,
+    timeout_s: float = 300.0,
+    label: str = "",
+) -> list[dict[str, Any]]:
+    """Every (stream, concurrency) level in order; one row per level (see `LevelResult.row`).
+
+    Each level sends max(min_requests, requests_per_client × concurrency) requests.
+    """
+    rows = []
+    for stream in streams:
+        for conc in concurrencies:
+            n = max(min_requests, requests_per_client * conc)
+            level = asyncio.run(
+                run_level(
+                    base_url,
+                    model=model,
+                    concurrency=conc,
+                    requests=n,
+                    stream=stream,
+                    max_tokens=max_tokens,
+                    timeout_s=timeout_s,
+                )
+            )
+            row = level.row()
+            errors = level.errors()
+            row["errors"] = "; ".join(errors) if errors else None
+            print(_line(label, row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _line(label: str, row: dict[str, Any]) -> str:
+    mode = "stream" if row["stream"] else "json"
+    return (
+        f"{label:>9} {mode:>6} c={row['concurrency']:<3} ok={row['ok']:<4} fail={row['failed']:<3}"
+        f" {row['req_s']:>7.2f} req/s {row['out_tok_s']:>8.1f} tok/s"
+        f"  TTFT p50/p99 {row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms"
+        f"  E2E p50/p99 {row['e2e_p50_ms']}/{row['e2e_p99_ms']} ms"
+    )

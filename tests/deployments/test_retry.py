@@ -1,0 +1,88 @@
+"""A replica lost under a request: non-streamed requests are retried, streams end cleanly.
+
+Its own application (`retry`, two replicas of the student), so killing replicas never
+disturbs the other tests. The long version under steady load is `make reliability`
+(reliability/faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from serve_helpers import ServeUrls, wait_until
+
+from reliability import replicas
+
+APP = "retry"
+BODY = {"model": "student", "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def retry_url(serve_urls: ServeUrls, tmp_path_factory) -> Iterator[str]:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    root = tmp_path_factory.mktemp("retry")
+    shutil.copytree(serve_urls.folder("student"), root / "deploytest" / "student")
+    args = {
+        "config": str(serve_urls.profile_path),
+        "artifacts_dir": str(root),
+        "defaults": {"num_cpus": 0.1, "replicas": 2, "max_batch_size": 4},
+        "ingress": {"request_timeout_s": 60},
+    }
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
+    try:
+        yield f"{serve_urls.main}/{APP}"
+    finally:
+        serve.delete(APP)
+
+
+def lose_busy_replica(lose: Callable[[str], object]) -> str:
+    """Wait until a replica is generating, then lose it; returns its actor name."""
+    name, _ = wait_until(
+        lambda: replicas.busiest(APP, "student"), timeout=30, what="a replica to be generating"
+    )
+    lose(name)
+    return name
+
+
+@pytest.mark.parametrize("lose", [replicas.kill, replicas.crash], ids=["ray-kill", "sigkill"])
+def test_non_streamed_requests_survive_a_lost_replica(retry_url, lose):
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(httpx.post, f"{retry_url}/v1/completions", json=BODY, timeout=90)
+            for _ in range(4)
+        ]
+        gone = lose_busy_replica(lose)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
+    assert all(r.json()["usage"]["completion_tokens"] == 1000 for r in responses)
+    replicas.wait_replaced(APP, "student", gone, count=2)
+
+
+def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_url):
+    frames: list[str] = []
+    with httpx.stream(
+        "POST", f"{retry_url}/v1/completions", json={**BODY, "stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        for line in lines:
+            frames.append(line.removeprefix("data: "))
+            if len(frames) == 3:
+                break
+        gone = lose_busy_replica(replicas.kill)
+        frames += [line.removeprefix("data: ") for line in lines]
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])["error"]
+    assert error["code"] == 503 and "lost" in error["message"], error
+    assert len(frames) < 1000  # ended early, not by finishing the generation
+    replicas.wait_replaced(APP, "student", gone, count=2)
+    r = httpx.post(f"{retry_url}/v1/completions", json={**BODY, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200
