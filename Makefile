@@ -24,8 +24,11 @@ test: $(STAMP)  ## run the whole test suite (what CI runs)
 artifacts: $(STAMP)  ## build the default profile's variants (slimserve build)
 	$(BIN)/slimserve build --config $(CONFIG)
 
-demo: artifacts  ## build the default artifacts and show what was built
-	@echo "built the variants above; serving and the dashboard arrive with their issues"
+demo: artifacts  ## build the tiny profile, then serve it (:8000) with the dashboard (:8501)
+	@echo "serving on http://127.0.0.1:8000 (OpenAI API), dashboard on http://127.0.0.1:8501; Ctrl-C stops both"
+	$(BIN)/serve run serve_config.yaml & serve_pid=$$!; \
+	trap 'kill $$serve_pid 2>/dev/null; wait $$serve_pid 2>/dev/null' EXIT INT TERM; \
+	$(MAKE) --no-print-directory dashboard
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

@@ -4,10 +4,12 @@ Figures, each the median over `repeats` interleaved rounds (the machine may be s
 
 * `decode_ms` — one `Runtime.decode` step after a 16-token prefill, at batch 1 and batch 8
   (`build_engines.parity.decode_ms`), for every runtime folder given;
-* `greedy_ms_per_token` — a whole greedy loop at batch 1 (prefill + N decode steps + argmax),
-  minus the same loop with 1 step, divided by N - 1: per-token cost including Python overhead;
+* `greedy_ms_per_token` — one iteration of a greedy loop at batch 1 (argmax + decode);
 * `hf_generate_ms_per_token` — Hugging Face `model.generate` (greedy, exactly N new tokens,
-  KV cache on) at batch 1, timed the same way (N tokens minus 1 token, over N - 1).
+  KV cache on) at batch 1: the gap between consecutive tokens, stamped by a logits processor
+  (so it includes everything `generate` does per token, and nothing of the prefill).
+
+Medians of per-step times resist a busy machine better than whole-loop wall times.
 
 All runtimes use the same number of CPU threads (`--threads`, set explicitly).
 Run: `python -m bench.onnx_bench artifacts/tiny/student artifacts/tiny/student-onnx
@@ -31,39 +33,42 @@ from slimserve.runtimes import load
 from slimserve.runtimes.base import Runtime
 
 
-def _greedy_seconds(runtime: Runtime, prompt: list[int], steps: int) -> float:
-    start = time.perf_counter()
-    logits, state = runtime.prefill([prompt])
-    for _ in range(steps - 1):
-        logits, state = runtime.decode(logits.argmax(-1), state)
-    logits.argmax(-1)
-    return time.perf_counter() - start
-
-
 def greedy_ms_per_token(runtime: Runtime, prompt: list[int], steps: int) -> float:
-    """(loop with `steps` tokens − loop with 1 token) / (steps − 1), in ms."""
-    return (
-        (_greedy_seconds(runtime, prompt, steps) - _greedy_seconds(runtime, prompt, 1))
-        * 1e3
-        / (steps - 1)
-    )
+    """Median ms of one greedy-loop iteration (argmax + decode) at batch 1."""
+    logits, state = runtime.prefill([prompt])
+    times = []
+    for _ in range(steps - 1):
+        start = time.perf_counter()
+        logits, state = runtime.decode(logits.argmax(-1), state)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+class _Stamps:
+    """A logits processor that only records when `generate` reaches each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
 
 
 @torch.inference_mode()
 def hf_generate_ms_per_token(model: Any, prompt: list[int], steps: int) -> float:
-    """HF `generate` (greedy, cache on) per new token at batch 1, prefill excluded as above."""
+    """Median ms between consecutive new tokens inside HF `generate` (greedy, cache on)."""
+    from transformers import LogitsProcessorList
+
+    stamps = _Stamps()
     ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-
-    def timed(n: int) -> float:
-        start = time.perf_counter()
-        model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, use_cache=True, pad_token_id=0,
-        )  # fmt: skip
-        return time.perf_counter() - start
-
-    return (timed(steps) - timed(1)) * 1e3 / (steps - 1)
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+        min_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=0,
+        logits_processor=LogitsProcessorList([stamps]),
+    )  # fmt: skip
+    gaps = [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
+    return statistics.median(gaps) * 1e3
 
 
 def bench(

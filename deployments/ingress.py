@@ -59,7 +59,7 @@ from slimserve.protocol import (
 log = logging.getLogger("ray.serve")
 RETRYABLE = (RayActorError, DeploymentUnavailableError)
 """A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
-RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
+RETRY_ATTEMPTS = 1  # tries in all per request, each on whatever replica Serve picks
 RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
 CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
 """Comma-separated origins allowed to call the API from a browser; unset = CORS off."""

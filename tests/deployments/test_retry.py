@@ -67,22 +67,20 @@ def test_non_streamed_requests_survive_a_lost_replica(retry_url, lose):
 
 
 def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_url):
+    """Both replicas are killed as soon as the first token arrives (the tiny model would
+    finish before a poll could tell which replica holds the stream): it must end with an
+    error event and [DONE], not hang. Runs last: the app is left to Serve's restarts."""
     frames: list[str] = []
     with httpx.stream(
         "POST", f"{retry_url}/v1/completions", json={**BODY, "stream": True}, timeout=60
     ) as r:
         assert r.status_code == 200
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
-        for line in lines:
-            frames.append(line.removeprefix("data: "))
-            if len(frames) == 3:
-                break
-        gone = lose_busy_replica(replicas.kill)
+        frames.append(next(lines).removeprefix("data: "))
+        for name in replicas.replica_names(APP, "student"):
+            replicas.kill(name)
         frames += [line.removeprefix("data: ") for line in lines]
     assert frames[-1] == "[DONE]"
     error = json.loads(frames[-2])["error"]
     assert error["code"] == 503 and "lost" in error["message"], error
     assert len(frames) < 1000  # ended early, not by finishing the generation
-    replicas.wait_replaced(APP, "student", gone, count=2)
-    r = httpx.post(f"{retry_url}/v1/completions", json={**BODY, "max_tokens": 4}, timeout=60)
-    assert r.status_code == 200

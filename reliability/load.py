@@ -1,0 +1,154 @@
+"""An open-loop HTTP load generator that accounts for every request it sends.
+
+Each request ends in exactly one outcome: `ok`, `failed` (an HTTP error status, or a stream
+that ended with an error event and `[DONE]`), or `lost` (no answer at all: the connection
+broke, the client's own deadline passed, or a stream stopped without `[DONE]`). Arrivals are
+scheduled at a fixed rate regardless of how fast answers come back (open loop), so a slow
+or dead replica shows up as queueing and errors instead of quietly lowering the offered load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Outcome:
+    kind: str  # "plain" | "stream"
+    start: float  # seconds since the run began
+    latency_s: float
+    result: str  # "ok" | "failed" | "lost"
+    status: int | None = None  # HTTP status, or the stream's error event code
+    retry_after: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class Tally:
+    """What a run's outcomes add up to (the report's figures)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def of(self, kind: str | None = None) -> list[Outcome]:
+        return [o for o in self.outcomes if kind is None or o.kind == kind]
+
+    def summary(self, kind: str | None = None) -> dict[str, Any]:
+        rows = self.of(kind)
+        failed = Counter(str(o.status) for o in rows if o.result == "failed")
+        return {
+            "sent": len(rows),
+            "ok": sum(o.result == "ok" for o in rows),
+            "failed": sum(failed.values()),
+            "failed_by_status": dict(sorted(failed.items())),
+            "lost": sum(o.result == "lost" for o in rows),
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+async def plain(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: float) -> Outcome:
+    start = time.monotonic()
+    try:
+        r = await client.post(url, json={**body, "stream": False})
+    except httpx.HTTPError as exc:
+        return Outcome("plain", start - t0, time.monotonic() - start, "lost", None, None, repr(exc))
+    latency = time.monotonic() - start
+    if r.status_code == 200:
+        ok = bool(r.json().get("choices"))
+        return Outcome("plain", start - t0, latency, "ok" if ok else "failed", 200)
+    return Outcome(
+        "plain",
+        start - t0,
+        latency,
+        "failed",
+        r.status_code,
+        r.headers.get("retry-after"),
+        r.text[:200],
+    )
+
+
+async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: float) -> Outcome:
+    start = time.monotonic()
+    error: dict[str, Any] | None = None
+    done = False
+    try:
+        async with client.stream("POST", url, json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Outcome(
+                    "stream",
+                    start - t0,
+                    time.monotonic() - start,
+                    "failed",
+                    r.status_code,
+                    r.headers.get("retry-after"),
+                    r.text[:200],
+                )
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    done = True
+                elif '"error"' in data:
+                    error = json.loads(data).get("error") or error
+    except httpx.HTTPError as exc:
+        return Outcome(
+            "stream", start - t0, time.monotonic() - start, "lost", None, None, repr(exc)
+        )
+    latency = time.monotonic() - start
+    if not done:
+        return Outcome("stream", start - t0, latency, "lost", None, None, "no [DONE]")
+    if error is not None:
+        return Outcome("stream", start - t0, latency, "failed", error.get("code"), None, str(error))
+    return Outcome("stream", start - t0, latency, "ok", 200)
+
+
+async def steady(
+    base: str,
+    body: dict[str, Any],
+    rate: float,
+    seconds: float,
+    *,
+    stream_every: int = 2,
+    timeout_s: float = 120.0,
+    events: list[tuple[float, Any]] | None = None,
+) -> Tally:
+    """`rate` requests/s for `seconds` (every `stream_every`-th one streamed), then wait for all.
+
+    `events` are (at_s, callable) run in a thread at those times (a fault to inject).
+    """
+    url = f"{base}/v1/completions"
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    tally = Tally()
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = time.monotonic()
+        tasks: list[asyncio.Task[Outcome]] = []
+        pending = sorted(events or [], key=lambda e: e[0])
+        fault_tasks = []
+        total = int(rate * seconds)
+        for i in range(total):
+            at = t0 + i / rate
+            while pending and pending[0][0] <= at - t0:
+                fault_tasks.append(asyncio.create_task(asyncio.to_thread(pending.pop(0)[1])))
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            go = stream if stream_every and i % stream_every == stream_every - 1 else plain
+            tasks.append(asyncio.create_task(go(client, url, body, t0)))
+        tally.outcomes = list(await asyncio.gather(*tasks))
+        for f in fault_tasks:
+            await f
+    return tally
