@@ -72,3 +72,15 @@ kuberay: $(STAMP)  ## regenerate deploy/kuberay/rayservice.yaml's serveConfigV2 
 
 test-cluster: $(STAMP)  ## two Ray nodes on this machine: 2 training workers, 2 replicas (~2 min)
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
+
+.PHONY: reliability
+
+SOAK_S ?= 600
+RELIABILITY_ARTIFACTS ?=
+RELIABILITY_QUICK ?=
+
+# With RELIABILITY_ARTIFACTS (a folder already built) the build step is skipped.
+reliability: $(if $(RELIABILITY_ARTIFACTS),$(STAMP),artifacts)  ## faults under load, overload, soak (SOAK_S=600), hostile input -> reports/reliability.{json,md} (RELIABILITY_QUICK=1: ~5 min)
+	RELIABILITY_QUICK=$(RELIABILITY_QUICK) $(BIN)/python -m reliability.run --config $(CONFIG) \
+		$(if $(RELIABILITY_ARTIFACTS),--artifacts-dir $(RELIABILITY_ARTIFACTS)) \
+		$(if $(RELIABILITY_QUICK),,--soak-s $(SOAK_S))

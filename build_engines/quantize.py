@@ -143,7 +143,8 @@ def _fp32_source(
         export = export_folder(
             parent_dir, scratch, ExportOnnxParams(optimize=False), tokenizer_dir, blocks, log
         )
-        export.pop("params_total"), export.pop("params_nonzero")
+        for key in ("params_total", "params_nonzero"):  # counted on the int8 graph instead
+            export.pop(key)
         return scratch, {"source": "exported from torch parent", "export": export}
     raise ArtifactError(f"{parent_dir}: cannot quantize a {manifest.runtime!r} artifact")
 

@@ -242,7 +242,7 @@ def run(ctx: StepContext) -> StepResult:
     import tensorrt as trt
     import torch
 
-    from build_engines.onnx_export import check_onnx
+    from build_engines.onnx_export import check_onnx, initializer_stats
     from build_engines.parity import check_parity, prompt_ids
     from slimserve.runtimes import onnx_rt, trt_rt
 
@@ -288,7 +288,9 @@ def run(ctx: StepContext) -> StepResult:
         blocks,
         require_identical=params.precision == "fp32",  # fp16 may flip near-ties: recorded
     )
-    parent = read_manifest(ctx.parent_dir)
+    weights = initializer_stats(src)  # the engine holds the parent graph's weights
     return StepResult(
-        details=details, params_total=parent.params_total, params_nonzero=parent.params_nonzero
+        details=details,
+        params_total=weights["params_total"],
+        params_nonzero=weights["params_nonzero"],
     )

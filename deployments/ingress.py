@@ -8,6 +8,11 @@ Failure mapping (all in the envelope of deployments.errors): a replica's client-
 -> 400/404; a full queue (Serve's `max_queued_requests`, BackPressureError) -> 503 with
 `Retry-After`; past `request_timeout_s` -> 408 (the replica's work is cancelled); a client
 that disconnects cancels its replica call, which frees the engine's batch slot at the next step.
+
+Replica loss (issue 10): a non-streamed call, or a stream before its first event, whose replica
+dies is sent again (RETRY_ATTEMPTS in all, within the request's deadline); a stream that loses
+its replica later ends with a 503 error event and `[DONE]`. CORS is off unless
+SLIMSERVE_CORS_ORIGINS lists origins.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from slimserve.protocol import (
 log = logging.getLogger("ray.serve")
 RETRYABLE = (RayActorError, DeploymentUnavailableError)
 """A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
-RETRY_ATTEMPTS = 1  # tries in all per request, each on whatever replica Serve picks
+RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
 RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
 CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
 """Comma-separated origins allowed to call the API from a browser; unset = CORS off."""

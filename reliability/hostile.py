@@ -9,12 +9,14 @@ answer must be below 500 and, when an error, in the envelope with `code` = the s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from typing import Any
 
 import httpx
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 
 from reliability.matrix import MATRIX, OK, check
 
@@ -82,7 +84,9 @@ def _fuzz_operation(
         if problem and len(problems) < 20:
             problems.append(f"{label}: {problem}")
 
-    run()
+    # Negative cases of a route without parameters cannot exist: hypothesis says Unsatisfiable.
+    with contextlib.suppress(Unsatisfiable):
+        run()
 
 
 def _problem(status: int, text: str) -> str | None:

@@ -323,3 +323,104 @@ def test_real_engine_builds_and_matches_onnx(models, tmp_path):
     rt = trt_rt.load(out)
     logits, state = rt.prefill([[1, 2, 3], [4]])
     assert logits.is_cuda and state.keys[0].is_cuda
+
+
+# -- the build step against a fake `tensorrt` module ------------------------------------------
+
+
+def fake_tensorrt(version: str, calls: list) -> SimpleNamespace:
+    """Just the TensorRT 10/11 builder API build-trt uses, recording every call."""
+
+    class Network:
+        pass
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            calls.append(("parser", network))
+
+        def parse_from_file(self, path):
+            calls.append(("parse", path))
+            return True
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            calls.append(("set_shape", name, lo, opt, hi))
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("pool", pool, size))
+
+        def set_flag(self, flag):
+            calls.append(("flag", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("add_profile", profile))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls.append(("network", flags))
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"PLAN"
+
+    return SimpleNamespace(
+        __version__=version,
+        Logger=Logger,
+        Builder=Builder,
+        OnnxParser=Parser,
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
+        BuilderFlag=SimpleNamespace(FP16="FP16"),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+    )
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.1.0"])
+def test_build_step_drives_the_builder_api(version, models, fake_trt, tmp_path, monkeypatch):
+    import sys
+
+    from slimserve.runtimes import trt_rt
+
+    calls: list = []
+    module = fake_tensorrt(version, calls)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(hardware, "missing", lambda requirement: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(trt_rt, "load", lambda folder, **kw: fake_trt)  # ORT behind the API
+    out = tmp_path / "student-trt"
+    result = build_trt.run(fake_ctx(models.onnx_dir, out, FITS))
+
+    assert (out / "model.plan").read_bytes() == b"PLAN"
+    sidecar = json.loads((out / "trt.json").read_text())
+    assert sidecar["limits"]["past"] == {"min": 1, "opt": 32, "max": 64}
+    assert sidecar["tensorrt_version"] == version and sidecar["gpu"] == "Fake GPU"
+    shapes = {c[1]: c[2:] for c in calls if c[0] == "set_shape"}
+    assert shapes == build_trt.profile_shapes(FITS, CFG)
+    parsed = Path(next(c[1] for c in calls if c[0] == "parse"))
+    network_flags = next(c[1] for c in calls if c[0] == "network")
+    if version.startswith("10"):
+        assert ("flag", "FP16") in calls and network_flags == 0
+        assert parsed == models.onnx_dir / MODEL_FILE
+    else:  # strongly typed: no precision flag, an fp16 ONNX graph parsed instead
+        assert not any(c[0] == "flag" for c in calls) and network_flags == 1 << 1
+        assert parsed.name == "model.fp16.onnx" and result.details["fp16_onnx"]
+    assert ("pool", "WORKSPACE", FITS.workspace_mb << 20) in calls
+    assert result.details["parity_vs_onnx"]["max_abs_logit_diff"] < 1e-4
+    assert result.params_total > 0 and (out / "tokenizer.json").is_file()

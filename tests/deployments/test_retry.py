@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import ray
 from serve_helpers import ServeUrls, wait_until
 
 from reliability import replicas
@@ -67,20 +68,20 @@ def test_non_streamed_requests_survive_a_lost_replica(retry_url, lose):
 
 
 def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_url):
-    """Both replicas are killed as soon as the first token arrives (the tiny model would
-    finish before a poll could tell which replica holds the stream): it must end with an
-    error event and [DONE], not hang. Runs last: the app is left to Serve's restarts."""
-    frames: list[str] = []
-    with httpx.stream(
-        "POST", f"{retry_url}/v1/completions", json={**BODY, "stream": True}, timeout=60
-    ) as r:
+    """Both replicas are killed as soon as the stream's headers arrive (the tiny model is fast
+    enough that a poll for the busy one could come too late); four choices of 1000 tokens
+    keep the replica generating meanwhile. The stream must end with an error event and
+    [DONE], not hang. Runs last: the app is left to Serve's restarts."""
+    actors = [replicas.actor(n) for n in replicas.replica_names(APP, "student")]
+    body = {**BODY, "stream": True, "n": 4}
+    with httpx.stream("POST", f"{retry_url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
-        lines = (line for line in r.iter_lines() if line.startswith("data: "))
-        frames.append(next(lines).removeprefix("data: "))
-        for name in replicas.replica_names(APP, "student"):
-            replicas.kill(name)
-        frames += [line.removeprefix("data: ") for line in lines]
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        frames = [
+            line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")
+        ]
     assert frames[-1] == "[DONE]"
     error = json.loads(frames[-2])["error"]
     assert error["code"] == 503 and "lost" in error["message"], error
-    assert len(frames) < 1000  # ended early, not by finishing the generation
+    assert len(frames) < 4000  # ended early, not by finishing the generation
