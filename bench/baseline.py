@@ -13,7 +13,7 @@ holds a token back until a space or newline), so its SSE frames carry a word, an
 first token is time to the first word; that is what the older streaming endpoint sent.
 
 Run it alone: `python -m bench.baseline artifacts/tiny/student --port 8100`; or from code:
-`with start_baseline(folder) as url: ...` (its own process, 2 torch threads, a free port).
+`with start_baseline(folder) as server: ...` (its own process, 2 torch threads, a free port).
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 THREADS = 2
+
+
+@dataclass(frozen=True)
+class BaselineServer:
+    """A running baseline: where to send requests, and its pid (for CPU accounting)."""
+
+    url: str
+    pid: int
 
 
 def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
@@ -155,8 +164,8 @@ def start_baseline(
     threads: int = THREADS,
     timeout_s: float = 180.0,
     log: str | Path | None = None,
-) -> Iterator[str]:
-    """Run the baseline as its own process on a free port; yield its URL; stop it after.
+) -> Iterator[BaselineServer]:
+    """Run the baseline as its own process on a free port; yield it; stop it after.
 
     OMP/MKL thread variables are set too, so every thread torch creates in that process uses
     `threads` intra-op threads, whatever thread the request runs on.
@@ -185,7 +194,7 @@ def start_baseline(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"baseline server not healthy after {timeout_s:.0f}s")
             time.sleep(0.2)
-        yield url
+        yield BaselineServer(url, proc.pid)
     finally:
         proc.terminate()
         try:

@@ -49,6 +49,7 @@ class RequestResult:
     ttft_s: float | None = None
     frames: int = 0  # SSE frames that carried text (streamed only)
     error: str | None = None
+    server_e2e_s: float | None = None  # the server's own e2e (slimserve's `timings`), if given
 
     @property
     def tpot_s(self) -> float | None:
@@ -65,6 +66,7 @@ class LevelResult:
     stream: bool
     wall_s: float
     results: list[RequestResult] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds (CpuMeter)
 
     def row(self) -> dict[str, Any]:
         """The figures every slimserve benchmark prints (DESIGN.md), latencies in ms."""
@@ -74,6 +76,7 @@ class LevelResult:
         tpot = [t for t in (r.tpot_s for r in ok) if t is not None]
         e2e = [r.e2e_s for r in ok]
         frames = sum(r.frames for r in ok)
+        hops = [r.e2e_s - r.server_e2e_s for r in ok if r.server_e2e_s is not None]
         return {
             "concurrency": self.concurrency,
             "stream": self.stream,
@@ -89,7 +92,26 @@ class LevelResult:
             "e2e_p99_ms": _ms(_pct(e2e, 99)),
             "tokens_per_req": _r(statistics.mean(r.output_tokens for r in ok)) if ok else None,
             "tokens_per_frame": _r(tokens / frames) if self.stream and frames else None,
+            "hop_ms_p50": _ms(_pct(hops, 50)),
+            "cpu_ms_per_token": _r(sum(self.cpu_s.values()) * 1000 / tokens)
+            if self.cpu_s and tokens
+            else None,
+            "errors": "; ".join(self.errors()) or None,
         }
+
+    def cpu_rows(self) -> list[dict[str, Any]]:
+        """CPU ms per output token, one row per process role (the cost of each hop)."""
+        tokens = sum(r.output_tokens for r in self.results if r.ok)
+        return [
+            {
+                "stream": self.stream,
+                "concurrency": self.concurrency,
+                "role": role,
+                "cpu_ms_per_token": _r(sec * 1000 / tokens) if tokens else None,
+                "cpu_share": _r(sec / self.wall_s),
+            }
+            for role, sec in sorted(self.cpu_s.items(), key=lambda kv: -kv[1])
+        ]
 
     def errors(self) -> list[str]:
         return sorted({r.error for r in self.results if r.error})
@@ -139,7 +161,9 @@ async def _one(
                 if not body["stream"]:
                     data = await resp.json()
                     tokens = int(data["usage"]["completion_tokens"])
-                    return RequestResult(True, time.perf_counter() - t0, tokens)
+                    server = (data.get("timings") or {}).get("e2e_s")
+                    e2e = time.perf_counter() - t0
+                    return RequestResult(True, e2e, tokens, server_e2e_s=server)
                 return await _read_stream(resp, t0)
     except TimeoutError:
         return RequestResult(False, time.perf_counter() - t0, error="client timeout")
@@ -188,6 +212,7 @@ async def run_level(
     prompts: Sequence[str] = PROMPTS,
     warmup: int = 1,
     timeout_s: float = 300.0,
+    meter: CpuMeter | None = None,
 ) -> LevelResult:
     """`requests` requests from `concurrency` closed-loop clients (after `warmup` per client).
 
@@ -214,10 +239,12 @@ async def run_level(
             for i in counter:  # shared iterator: each request index is taken once
                 results.append(await _one(session, url, body(i), timeout_s))
 
+        before = meter.snapshot() if meter else {}
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return LevelResult(concurrency, stream, wall, results)
+        cpu = CpuMeter.delta(before, meter.snapshot()) if meter else {}
+    return LevelResult(concurrency, stream, wall, results, cpu)
 
 
 def run_levels(
@@ -231,8 +258,9 @@ def run_levels(
     max_tokens: int = 64,
     timeout_s: float = 300.0,
     label: str = "",
-) -> list[dict[str, Any]]:
-    """Every (stream, concurrency) level in order; one row per level (see `LevelResult.row`).
+    meter: CpuMeter | None = None,
+) -> list[LevelResult]:
+    """Every (stream, concurrency) level in order (rows: `LevelResult.row()`).
 
     Each level sends max(min_requests, requests_per_client × concurrency) requests.
     """
@@ -249,13 +277,11 @@ def run_levels(
                     stream=stream,
                     max_tokens=max_tokens,
                     timeout_s=timeout_s,
+                    meter=meter,
                 )
             )
-            row = level.row()
-            errors = level.errors()
-            row["errors"] = "; ".join(errors) if errors else None
-            print(_line(label, row), flush=True)
-            rows.append(row)
+            print(_line(label, level.row()), flush=True)
+            rows.append(level)
     return rows
 
 
@@ -267,6 +293,56 @@ def _line(label: str, row: dict[str, Any]) -> str:
         f"  TTFT p50/p99 {row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms"
         f"  E2E p50/p99 {row['e2e_p50_ms']}/{row['e2e_p99_ms']} ms"
     )
+
+
+class CpuMeter:
+    """CPU seconds used by each process role between two snapshots (user + system).
+
+    Why: wall-clock figures on a shared 2-core machine move with the neighbours' load, but the
+    CPU a hop burns per request or per token does not, so this is how the cost of each hop
+    (proxy, ingress, model replica) is measured. Roles come from Ray's process titles
+    (`ray::ProxyActor`, `ray::ServeReplica:<app>:<deployment>`, ...) among this process's
+    descendants, plus `extra` pids (e.g. the baseline server) and this process ("client").
+    """
+
+    def __init__(self, extra: dict[str, int] | None = None):
+        self.extra = dict(extra or {})
+        self._roles: dict[int, str] = {}  # pid -> role, fixed at first sight
+
+    @staticmethod
+    def role(title: str) -> str:
+        """`ray::ServeReplica:app:Ingress.handle_request` -> `Ingress` (busy titles name the
+        method being run, so it is cut off)."""
+        if title.startswith("ray::ServeReplica:"):
+            return title.rsplit(":", 1)[-1].split(".", 1)[0]
+        name = title.removeprefix("ray::").split(".", 1)[0]
+        return {"ProxyActor": "proxy", "ServeController": "controller"}.get(name, "ray other")
+
+    def snapshot(self) -> dict[str, float]:
+        import psutil
+
+        me = psutil.Process()
+        procs = [("client", me)] + [(k, psutil.Process(pid)) for k, pid in self.extra.items()]
+        extra_pids = set(self.extra.values())
+        for child in me.children(recursive=True):
+            if child.pid in extra_pids:
+                continue
+            try:
+                role = self._roles.get(child.pid) or self.role(child.name() or "")
+            except psutil.Error:
+                continue
+            self._roles[child.pid] = role
+            procs.append((role, child))
+        out: dict[str, float] = {}
+        for role, proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                out[role] = out.get(role, 0.0) + t.user + t.system
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
 
 
 def _models_deployed(url: str) -> list[str]:

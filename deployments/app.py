@@ -104,10 +104,11 @@ def check_files(folder: Path, manifest: Manifest) -> str | None:
 
     Cheap checks run at deploy time, so a broken artifact becomes "unavailable: <reason>"
     in /v1/models instead of a replica that fails to start and takes the application with it:
-    the weights exist (model.onnx: the one the `onnx.json` sidecar names), every JSON sidecar
-    parses, a safetensors file is exactly as long as its header says, and the files add up to
-    `manifest.bytes`. The build writes `bytes` with a provisional manifest in the folder, so
-    the data files may fall short of it by at most the size of the final manifest.
+    every JSON sidecar parses and, when the manifest records its size (`bytes`; every build
+    does), the weights exist (model.onnx: the one the `onnx.json` sidecar names), a safetensors
+    file is exactly as long as its header says, and the files add up to `manifest.bytes`.
+    The build writes `bytes` with a provisional manifest in the folder, so the data files may
+    fall short of it by at most the size of the final manifest.
     """
     for name in JSON_FILES:
         path = folder / name
@@ -118,6 +119,8 @@ def check_files(folder: Path, manifest: Manifest) -> str | None:
                 return f"{name} is corrupt ({type(exc).__name__})"
     if manifest.runtime == "torch" and not (folder / "config.json").is_file():
         return "config.json is missing"
+    if manifest.bytes <= 0:  # a manifest that records no sizes does not describe its files
+        return None
     weights = list(WEIGHTS.get(manifest.runtime, ()))
     sidecar = folder / "onnx.json"
     if manifest.runtime == "onnxruntime" and sidecar.is_file():
@@ -130,14 +133,10 @@ def check_files(folder: Path, manifest: Manifest) -> str | None:
     for path in found:
         if path.suffix == ".safetensors" and (why := _safetensors_problem(path)):
             return f"{path.name} is {why}"
-    if manifest.bytes > 0:
-        meta = folder / MANIFEST
-        data = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p != meta)
-        slack = manifest.bytes - data
-        if not 0 <= slack <= meta.stat().st_size:
-            return (
-                f"files hold {data} bytes, the manifest says {manifest.bytes} (changed since built)"
-            )
+    meta = folder / MANIFEST
+    data = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p != meta)
+    if not 0 <= manifest.bytes - data <= meta.stat().st_size:
+        return f"files hold {data} bytes, the manifest says {manifest.bytes} (changed since built)"
     return None
 
 
@@ -176,10 +175,6 @@ def plan_variant(
         card.reason = NOT_BUILT
         return VariantPlan(card=card)
     folder = store.path(name)
-    problem = check_files(folder, manifest)
-    if problem is not None:
-        card.reason = f"unavailable: {problem}"
-        log.warning("%s: %s", name, card.reason)
     card.created = int(manifest.created)
     card.runtime = manifest.runtime
     card.params_total = manifest.params_total
@@ -188,14 +183,17 @@ def plan_variant(
     card.perplexity = manifest.metrics.perplexity
     card.agreement = manifest.metrics.agreement
     card.context_length = context_length(folder, manifest)
-    if problem is not None:
-        return VariantPlan(card=card)
     if not s.enabled:
         card.reason = f"disabled in serve_config.yaml (args.variants.{name}.enabled: false)"
         return VariantPlan(card=card)
     placement = place(manifest.runtime, s, gpus)
     card.reason = placement.reason or runtime_missing(manifest.runtime)
     if card.reason is not None:
+        return VariantPlan(card=card)
+    problem = check_files(folder, manifest)  # only for what would deploy: it reads the files
+    if problem is not None:
+        card.reason = f"unavailable: {problem}"
+        log.warning("%s: %s", name, card.reason)
         return VariantPlan(card=card)
     card.deployed = True
     card.device = placement.device

@@ -6,6 +6,17 @@ A replica loads one artifact folder with the runtime its manifest names and wrap
 itself adds only what Serve needs: methods the ingress calls through handles, health checks,
 live batch settings (`reconfigure`) and per-variant metrics. Client faults come back as data
 (`deployments.messages`), so the ingress can answer 4xx before it starts a stream.
+
+Streamed tokens are coalesced under load. Every event a replica yields crosses two Ray hops
+(replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
+not per token: measured on the tiny profile (2 cores, 16 streams) about 2.3 ms of CPU per
+event across the hops against 0.45 ms per token for the model step itself, so one event per
+token caps a 2-core machine near 700 streamed tokens/s. When the engine runs at least
+`COALESCE_MIN_RUNNING` requests, a request's deltas are therefore merged and sent at most every
+`STREAM_INTERVAL_MS` (vLLM's `stream_interval` in time rather than tokens). The first delta
+always goes at once (time to first token is unchanged), the last one (with `finish_reason`) too,
+and with fewer running requests every token is its own event, as before. The text is the same;
+only the number of SSE frames it arrives in changes. Both knobs are live (`reconfigure`).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,11 @@ from slimserve.tokenizer import load_tokenizer
 log = logging.getLogger("ray.serve")
 
 Event = dict[str, Any]
+
+STREAM_INTERVAL_MS = 40.0
+"""Under load, a request's text deltas are sent at most this often (tokens coalesced)."""
+COALESCE_MIN_RUNNING = 4
+"""Coalescing starts when the engine runs at least this many requests; below, one per token."""
 
 
 @serve.deployment(name="model")
@@ -58,6 +74,8 @@ class ModelServer:
             on_step=lambda _: self.metrics.on_step(self.engine.stats),
             on_finish=self._on_finish,
         )
+        self.stream_interval_ms = STREAM_INTERVAL_MS
+        self.coalesce_min_running = COALESCE_MIN_RUNNING
         self._open = asyncio.Event()  # admission gate; cleared only by `hold`
         self._open.set()
         self._held_until = 0.0
@@ -68,11 +86,15 @@ class ModelServer:
     # -- Serve hooks ------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live batch settings from `user_config` (max_batch_size, max_wait_ms, max_queue).
+        """Live settings from `user_config`: the engine's (max_batch_size, max_wait_ms,
+        max_queue) and, optionally, streaming's (stream_interval_ms, coalesce_min_running).
 
         The engine reads its config at every step, so a new batch size applies at once.
         """
-        self.engine.config = EngineConfig(**user_config)
+        config = dict(user_config)
+        self.stream_interval_ms = float(config.pop("stream_interval_ms", STREAM_INTERVAL_MS))
+        self.coalesce_min_running = int(config.pop("coalesce_min_running", COALESCE_MIN_RUNNING))
+        self.engine.config = EngineConfig(**config)
 
     async def check_health(self) -> None:
         """Raise (so Serve replaces this replica) when the model cannot serve.
@@ -154,19 +176,19 @@ class ModelServer:
             if job.get("return_prompt_ids"):
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
-            async for index, chunk in _merge(streams):
-                if chunk.text or chunk.finish_reason is not None:
-                    yield {
-                        "event": "delta",
-                        "index": index,
-                        "text": chunk.text,
-                        "token_ids": chunk.token_ids,
-                        "finish_reason": chunk.finish_reason,
-                    }
+            async for event in _coalesce(_merge(streams), self._interval_s):
+                yield event
             yield {"event": "end", **_summary(streams)}
         finally:
             for s in streams:  # client gone or timed out: free the batch slots now
                 s.cancel()
+
+    def _interval_s(self) -> float:
+        """How long a request's deltas may wait to be coalesced now (0 = send each token)."""
+        if self.stream_interval_ms <= 0:
+            return 0.0
+        busy = self.engine.stats().running >= self.coalesce_min_running
+        return self.stream_interval_ms / 1000 if busy else 0.0
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -301,6 +323,43 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Strea
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _coalesce(
+    chunks: AsyncIterator[tuple[int, StreamChunk]], interval_s: Callable[[], float]
+) -> AsyncIterator[Event]:
+    """`delta` events from (choice index, chunk) pairs, merging a choice's consecutive chunks
+    until `interval_s()` has passed since the last event (see the module docstring).
+
+    The first delta and every delta with a `finish_reason` flush at once; chunks without text
+    (held back: an incomplete character, a possible stop string) add their token ids to the
+    next delta instead of being dropped. No timer task: a request gets a chunk at every engine
+    step, so pending text waits at most the interval plus one step.
+    """
+    pending: dict[int, Event] = {}
+    last: float | None = None  # when the last delta was sent (None: none yet)
+    async for index, chunk in chunks:
+        event = pending.get(index)
+        if event is None:
+            event = pending[index] = {
+                "event": "delta",
+                "index": index,
+                "text": "",
+                "token_ids": [],
+                "finish_reason": None,
+            }
+        event["text"] += chunk.text
+        event["token_ids"] += chunk.token_ids
+        event["finish_reason"] = chunk.finish_reason
+        now = time.monotonic()
+        due = last is None or chunk.finish_reason is not None or now - last >= interval_s()
+        if not due:
+            continue
+        for i in sorted(pending):
+            ready = pending[i]
+            if ready["text"] or ready["finish_reason"] is not None:
+                yield pending.pop(i)
+                last = now
 
 
 def _summary(streams: list[RequestStream]) -> dict[str, Any]:

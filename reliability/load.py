@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,17 @@ class Outcome:
     retry_after: str | None = None
     detail: str = ""
 
+    def label(self) -> str:
+        """`503 server overloaded`: the status and the start of the error message, so a
+        capacity 503 and a lost-replica 503 are told apart."""
+        message = ""
+        try:
+            message = json.loads(self.detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = self.detail
+        head = re.split(r"[:(;]", message, maxsplit=1)[0].strip()[:40]
+        return f"{self.status} {head}".strip()
+
 
 @dataclass
 class Tally:
@@ -41,7 +53,7 @@ class Tally:
 
     def summary(self, kind: str | None = None) -> dict[str, Any]:
         rows = self.of(kind)
-        failed = Counter(str(o.status) for o in rows if o.result == "failed")
+        failed = Counter(o.label() for o in rows if o.result == "failed")
         return {
             "sent": len(rows),
             "ok": sum(o.result == "ok" for o in rows),
@@ -77,7 +89,7 @@ async def plain(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: f
         "failed",
         r.status_code,
         r.headers.get("retry-after"),
-        r.text[:200],
+        r.text[:2000],
     )
 
 
@@ -96,7 +108,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: 
                     "failed",
                     r.status_code,
                     r.headers.get("retry-after"),
-                    r.text[:200],
+                    r.text[:2000],
                 )
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -114,7 +126,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: 
     if not done:
         return Outcome("stream", start - t0, latency, "lost", None, None, "no [DONE]")
     if error is not None:
-        return Outcome("stream", start - t0, latency, "failed", error.get("code"), None, str(error))
+        detail = json.dumps({"error": error})
+        return Outcome("stream", start - t0, latency, "failed", error.get("code"), None, detail)
     return Outcome("stream", start - t0, latency, "ok", 200)
 
 

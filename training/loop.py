@@ -288,6 +288,19 @@ class Learner:
         )
 
 
+def _quiet_report_log() -> None:
+    """Silence Ray Train's INFO line per report (a full repr of every checkpoint).
+
+    Our progress lines say the same. Ray 2.60 names that logger by its *file path*, so neither
+    `LoggingConfig` nor the `ray.train` logger level reaches it; warnings still come through.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: `config["job"]` is a `LoopConfig`."""
     import ray.train
@@ -295,9 +308,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # Ray Train logs every report at INFO from the worker (a full repr per checkpoint); our
-    # progress lines already say it. Warnings and errors still come through.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     job: LoopConfig = config["job"]
     b = job.budget
     ctx = ray.train.get_context()
