@@ -84,3 +84,8 @@ reliability: $(if $(RELIABILITY_ARTIFACTS),$(STAMP),artifacts)  ## faults under 
 	RELIABILITY_QUICK=$(RELIABILITY_QUICK) $(BIN)/python -m reliability.run --config $(CONFIG) \
 		$(if $(RELIABILITY_ARTIFACTS),--artifacts-dir $(RELIABILITY_ARTIFACTS)) \
 		$(if $(RELIABILITY_QUICK),,--soak-s $(SOAK_S))
+
+.PHONY: bench
+
+bench: $(STAMP)  ## benchmarks on the built variants -> reports/ (variants, Serve vs baseline race, GPU)
+	$(BIN)/slimserve bench all --config $(CONFIG)

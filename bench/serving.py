@@ -22,14 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import statistics
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -343,80 +340,3 @@ class CpuMeter:
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
-
-
-def _models_deployed(url: str) -> list[str]:
-    try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
-            cards = json.loads(r.read())["data"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [c["id"] for c in cards if c.get("deployed")]
-
-
-@contextlib.contextmanager
-def start_serve(
-    serve_config: str | Path,
-    *,
-    config: str | Path | None = None,
-    artifacts_dir: str | Path | None = None,
-    port: int | None = None,
-    need: Sequence[str] = ("student",),
-    timeout_s: float = 600.0,
-) -> Iterator[str]:
-    """`serve run serve_config.yaml` in this process, on its own local Ray and a free port.
-
-    The YAML is applied the way `serve run` applies it (the controller runs the application
-    builder with the file's `args` and applies its `deployments:` overrides), with only the port
-    changed, and `config` / `artifacts_dir` overriding the args when given. A private Ray
-    (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after.
-    Yields the base URL once every variant in `need` is deployed.
-    """
-    import ray
-    import yaml
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    raw = yaml.safe_load(Path(serve_config).read_text())
-    port = port or free_port()
-    raw.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
-    args = raw["applications"][0].setdefault("args", {})
-    if config is not None:
-        args["config"] = str(Path(config).resolve())
-    if artifacts_dir is not None:
-        args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
-    schema = ServeDeploySchema.model_validate(raw)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",
-        namespace="serve",
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(),
-            proxy_location=schema.proxy_location,
-        )
-        client.deploy_apps(schema)
-        deadline = time.monotonic() + timeout_s
-        name = schema.applications[0].name
-        while not set(need) <= set(_models_deployed(url)):
-            status = serve.status().applications.get(name)
-            if status is not None and status.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"Serve application failed: {status.message}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{need} not deployed after {timeout_s:.0f}s")
-            time.sleep(0.5)
-        while serve.status().applications[name].status != "RUNNING":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"application {name} not RUNNING after {timeout_s:.0f}s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()

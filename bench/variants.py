@@ -176,7 +176,9 @@ def run_variants(
             continue
         folder = store.path(name)
         t0 = time.perf_counter()
-        figures = _measure_isolated(folder, measure) if isolate else measure_folder(folder, **measure)
+        figures = (
+            _measure_isolated(folder, measure) if isolate else measure_folder(folder, **measure)
+        )
         print(f"variants: {name} measured in {time.perf_counter() - t0:.0f}s", flush=True)
         row |= {k: v for k, v in figures.items() if k != "runtime"}
         row["note"] = None

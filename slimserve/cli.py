@@ -124,13 +124,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return (
             engine_main(
                 folder,
-                concurrencies=tuple(args.concurrency),
+                concurrencies=tuple(args.concurrency or (1, 4, 16)),
                 max_tokens=args.max_tokens,
-                repeats=args.repeats,
+                repeats=args.repeats or 3,
             )
             or 0
         )
-    raise ValueError(f"unknown benchmark {args.what!r}")
+    from bench.run_all import PARTS, BenchPlan, run_all
+
+    if args.what not in PARTS:
+        raise ValueError(f"unknown benchmark {args.what!r}")
+    plan = BenchPlan(
+        config=args.config,
+        serve_config=args.serve_config,
+        artifacts=args.artifacts,
+        variant=args.variant,
+        reports_dir=args.report_dir,
+        parts=PARTS[args.what],
+        concurrencies=tuple(args.concurrency or (1, 4, 16, 32)),
+        max_tokens=args.max_tokens,
+        requests_per_client=args.requests_per_client,
+        repeats=args.repeats or 5,
+        command=" ".join(["slimserve", *sys.argv[1:]]) if sys.argv[1:] else None,
+    )
+    run_all(plan)
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -203,13 +221,32 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (writes reports/)")
     _common(p)
-    p.add_argument("what", choices=["engine"], help="engine: continuous batching vs HF generate")
-    p.add_argument("--variant", default="student", help="variant to benchmark")
     p.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels"
+        "what",
+        choices=["engine", "variants", "serving", "baseline", "race", "gpu", "all"],
+        help="engine: continuous batching vs HF generate; variants: per-variant latency, "
+        "memory, size, quality; serving / baseline: the load generator against Serve / the "
+        "older Flask server; race: both; gpu: eager vs CUDA-graph decode; all: `make bench`",
+    )
+    p.add_argument("--variant", default="student", help="variant to benchmark / serve")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=None,
+        help="concurrency levels (default 1 4 16; serving benches 1 4 16 32)",
     )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (median; engine 3, variants 5)"
+    )
+    p.add_argument(
+        "--requests-per-client", type=int, default=4, help="serving: requests per client a level"
+    )
+    p.add_argument(
+        "--serve-config", default="serve_config.yaml", help="serving: the Serve config to run"
+    )
+    p.add_argument("--report-dir", default="reports", help="where the reports are written")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="pruning sweep: perplexity, agreement, speed (reports/)")

@@ -123,7 +123,7 @@ class QuantizeInt8Params(Params):
     per_channel: bool = False
     max_ppl_ratio: float = Field(1.05, gt=1, description="fail if ppl > ratio × fp32")
     min_agreement: float = Field(
-        0.98, ge=0, le=1, description="fail if top-1 agreement with fp32 (batch 1) is lower"
+        0.98, ge=0, le=1, description="fail if greedy agreement with fp32 (batch 1) is lower"
     )
 
 

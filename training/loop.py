@@ -18,7 +18,6 @@ else needs saving.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from torch import nn
 
 from slimserve.steps import Budget
 from training.kd import kd_loss
+from training.trainer import quiet_report_log
 
 MaskFn = Callable[[nn.Module], dict[str, torch.Tensor]]
 
@@ -288,19 +288,6 @@ class Learner:
         )
 
 
-def _quiet_report_log() -> None:
-    """Silence Ray Train's INFO line per report (a full repr of every checkpoint).
-
-    Our progress lines say the same. Ray 2.60 names that logger by its *file path*, so neither
-    `LoggingConfig` nor the `ray.train` logger level reaches it; warnings still come through.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: keep its logging as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: `config["job"]` is a `LoopConfig`."""
     import ray.train
@@ -308,7 +295,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    _quiet_report_log()
+    quiet_report_log()
     job: LoopConfig = config["job"]
     b = job.budget
     ctx = ray.train.get_context()

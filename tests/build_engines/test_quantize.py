@@ -23,9 +23,10 @@ from slimserve.artifacts import ArtifactError, Manifest, write_manifest
 from slimserve.runtimes import onnx_rt
 from slimserve.steps import ExportOnnxParams, QuantizeInt8Params
 
-# The tiny random model is far less robust than a trained one; the real gates (1.05, 0.98)
-# are checked on the real student. These still fail on a broken quantization.
-TINY = QuantizeInt8Params(max_ppl_ratio=1.05, min_agreement=0.9)
+# A tiny random model has flat logits, so free-running greedy outputs diverge after the first
+# flipped near-tie (agreement ~0.8 here); the real gates (1.05, 0.98) are measured on the real
+# student. These still fail on a broken quantization (agreement near 0, perplexity way up).
+TINY = QuantizeInt8Params(max_ppl_ratio=1.05, min_agreement=0.5)
 
 
 def blocks(vocab: int, n: int = 16, length: int = 64) -> torch.Tensor:
@@ -95,8 +96,8 @@ def test_quality_is_measured_at_batch_1_and_recorded(int8):
     out, result = int8
     q = result.details["quality_vs_fp32"]
     assert q["batch"] == 1 and q["eval_tokens"] > 0
-    assert q["perplexity_ratio"] <= TINY.max_ppl_ratio and q["top1_agreement"] >= 0.9
-    assert 0.0 <= q["greedy_agreement"] <= 1.0
+    assert q["perplexity_ratio"] <= TINY.max_ppl_ratio and q["greedy_agreement"] >= 0.5
+    assert q["greedy_tokens"] == 32 * 32 and 0.9 <= q["top1_agreement"] <= 1.0
     rt = onnx_rt.load(out, device="cpu", threads=1)
     assert rt.info.dtype == "int8"
     logits, state = rt.prefill([[3, 4, 5], [6]])  # the runtime contract holds for int8 too
@@ -106,7 +107,7 @@ def test_quality_is_measured_at_batch_1_and_recorded(int8):
 def test_quality_gates_fail_the_step(onnx_parent, tmp_path, monkeypatch):
     vocab = json.loads((onnx_parent / "config.json").read_text())["vocab_size"]
     strict = QuantizeInt8Params(min_agreement=1.0)
-    with pytest.raises(QualityError, match="top-1 agreement with fp32 .* < min_agreement 1.0"):
+    with pytest.raises(QualityError, match="greedy agreement with fp32 .* < min_agreement 1.0"):
         quantize_folder(onnx_parent, tmp_path / "q", strict, blocks(vocab), log=lambda m: None)
     # int8 happens to cost the random tiny model no perplexity: inflate the measured ratio.
     import build_engines.quantize as quantize

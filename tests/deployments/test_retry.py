@@ -7,6 +7,7 @@ disturbs the other tests. The long version under steady load is `make reliabilit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -64,7 +65,8 @@ def test_non_streamed_requests_survive_a_lost_replica(retry_url, lose):
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
     assert all(r.json()["usage"]["completion_tokens"] == 1000 for r in responses)
-    replicas.wait_replaced(APP, "student", gone, count=2)
+    if lose is replicas.kill:  # the next test needs two replicas again; the stream test not
+        replicas.wait_replaced(APP, "student", gone, count=2)
 
 
 def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_url):
@@ -72,12 +74,18 @@ def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_u
     enough that a poll for the busy one could come too late); four choices of 1000 tokens
     keep the replica generating meanwhile. The stream must end with an error event and
     [DONE], not hang. Runs last: the app is left to Serve's restarts."""
-    actors = [replicas.actor(n) for n in replicas.replica_names(APP, "student")]
+    actors = []
+    for name in replicas.replica_names(APP, "student"):  # one may be dead or starting
+        try:
+            actors.append(replicas.actor(name))
+        except ValueError:
+            continue
     body = {**BODY, "stream": True, "n": 4}
     with httpx.stream("POST", f"{retry_url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         for a in actors:
-            ray.kill(a, no_restart=True)
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(a, no_restart=True)
         frames = [
             line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")
         ]

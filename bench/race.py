@@ -1,0 +1,181 @@
+"""The race report: slimserve against the older architecture, side by side, with issue 9's targets.
+
+Kept apart from `run_all.py` (which runs things) so the arithmetic of ratios and targets can be
+tested on plain rows, without a server. Ratios are slimserve / baseline: above 1 is better for
+throughput, below 1 is better for latency. A target that is missed says by how much.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.serving import LevelResult
+from slimserve.reports import Chart, Report, Table, new_report
+
+LEVEL_COLUMNS = (
+    "stream",
+    "concurrency",
+    "ok",
+    "failed",
+    "req_s",
+    "out_tok_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p99_ms",
+    "tokens_per_req",
+    "tokens_per_frame",
+    "hop_ms_p50",
+    "cpu_ms_per_token",
+    "errors",
+)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
+
+
+def _find(rows: list[dict[str, Any]], stream: bool, conc: int) -> dict[str, Any]:
+    return next((r for r in rows if r["stream"] == stream and r["concurrency"] == conc), {})
+
+
+def side_by_side(slim: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per concurrency: both servers' throughput and latency, and their ratios."""
+    out = []
+    for conc in sorted({r["concurrency"] for r in slim + base}):
+        sj, bj = _find(slim, False, conc), _find(base, False, conc)
+        ss, bs = _find(slim, True, conc), _find(base, True, conc)
+        out.append(
+            {
+                "concurrency": conc,
+                "slimserve_tok_s": sj.get("out_tok_s"),
+                "baseline_tok_s": bj.get("out_tok_s"),
+                "tok_s_ratio": _ratio(sj.get("out_tok_s"), bj.get("out_tok_s")),
+                "slimserve_stream_tok_s": ss.get("out_tok_s"),
+                "baseline_stream_tok_s": bs.get("out_tok_s"),
+                "stream_tok_s_ratio": _ratio(ss.get("out_tok_s"), bs.get("out_tok_s")),
+                "slimserve_ttft_p99_ms": ss.get("ttft_p99_ms"),
+                "baseline_ttft_p99_ms": bs.get("ttft_p99_ms"),
+                "ttft_p99_ratio": _ratio(ss.get("ttft_p99_ms"), bs.get("ttft_p99_ms")),
+                "e2e_p50_ratio": _ratio(sj.get("e2e_p50_ms"), bj.get("e2e_p50_ms")),
+                "stream_e2e_p50_ratio": _ratio(ss.get("e2e_p50_ms"), bs.get("e2e_p50_ms")),
+                "e2e_p99_ratio": _ratio(sj.get("e2e_p99_ms"), bj.get("e2e_p99_ms")),
+            }
+        )
+    return out
+
+
+# (what, concurrency, side-by-side column, bound, "min" = at least / "max" = at most)
+TARGETS = (
+    ("16 clients: non-streamed output tokens/s vs baseline", 16, "tok_s_ratio", 6.0, "min"),
+    ("16 clients: streamed output tokens/s vs baseline", 16, "stream_tok_s_ratio", 3.0, "min"),
+    ("16 clients: streamed p99 TTFT vs baseline", 16, "ttft_p99_ratio", 1.0, "max"),
+    ("1 client: non-streamed p50 end-to-end vs baseline", 1, "e2e_p50_ratio", 1.3, "max"),
+    ("1 client: streamed p50 end-to-end vs baseline", 1, "stream_e2e_p50_ratio", 1.3, "max"),
+)
+
+
+def targets(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target: the bound, the measured ratio, whether it holds and, if not, by how much."""
+    rows = []
+    for what, conc, column, bound, kind in TARGETS:
+        got = next((p[column] for p in pairs if p["concurrency"] == conc), None)
+        row: dict[str, Any] = {
+            "target": what,
+            "required": f"{'>=' if kind == 'min' else '<='} {bound:g}x",
+            "measured": got,
+            "met": None,
+            "miss": None,
+        }
+        if got is not None:
+            row["met"] = got >= bound if kind == "min" else got <= bound
+            if not row["met"]:
+                short = (bound / got - 1) if kind == "min" else (got / bound - 1)
+                row["miss"] = f"{'short' if kind == 'min' else 'over'} by {short:.0%}"
+        rows.append(row)
+    return rows
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Table:
+    return Table(
+        title=title, columns=list(columns), rows=[[r.get(c) for c in columns] for r in rows]
+    )
+
+
+def serving_report(
+    slim: list[LevelResult], base: list[LevelResult], max_tokens: int, *, command: str | None
+) -> Report:
+    """`bench_serving`: both servers' figures, side by side, the targets, and CPU per hop."""
+    slim_rows, base_rows = [lv.row() for lv in slim], [lv.row() for lv in base]
+    pairs = side_by_side(slim_rows, base_rows)
+    goals = targets(pairs)
+    hops = [{"server": "slimserve", **c} for lv in slim for c in lv.cpu_rows()]
+    hops += [{"server": "baseline", **c} for lv in base for c in lv.cpu_rows()]
+    pair_cols = tuple(pairs[0]) if pairs else ("concurrency",)
+    tables = [
+        _table("slimserve (serve_config.yaml, Ray Serve)", slim_rows, LEVEL_COLUMNS),
+        _table("baseline (Flask threaded, HF generate, 2 torch threads)", base_rows, LEVEL_COLUMNS),
+        _table("side by side (ratios = slimserve / baseline)", pairs, pair_cols),
+        _table("targets (issue 9)", goals, ("target", "required", "measured", "met", "miss")),
+        _table(
+            "CPU per output token by process (the cost of each hop)",
+            hops,
+            ("server", "stream", "concurrency", "role", "cpu_ms_per_token", "cpu_share"),
+        ),
+    ]
+    charts = []
+    if pairs and "slimserve_tok_s" in pair_cols:
+        charts = [
+            Chart(
+                title="Output tokens/s",
+                type="line",
+                table=2,
+                x="concurrency",
+                y=[
+                    "slimserve_tok_s",
+                    "baseline_tok_s",
+                    "slimserve_stream_tok_s",
+                    "baseline_stream_tok_s",
+                ],
+                y_label="tokens/s",
+            ),
+            Chart(
+                title="Streamed p99 time to first token (ms)",
+                type="line",
+                table=2,
+                x="concurrency",
+                y=["slimserve_ttft_p99_ms", "baseline_ttft_p99_ms"],
+                y_label="ms",
+            ),
+            Chart(
+                title="slimserve / baseline throughput",
+                table=2,
+                x="concurrency",
+                y=["tok_s_ratio", "stream_tok_s_ratio"],
+                y_label="ratio",
+            ),
+        ]
+    notes = [
+        f"Closed loop, greedy, max_tokens {max_tokens}, the same fixed prompts and the same "
+        "student weights on both sides; the two servers ran one after the other, not together.",
+        "TTFT and TPOT are client-side, streamed requests only (TTFT = first frame with text; "
+        "the baseline's TextIteratorStreamer sends whole words, so its first frame can hold "
+        "more than one token). hop_ms_p50 = client e2e minus the server's own e2e (Ray hops, "
+        "HTTP and JSON).",
+    ]
+    notes += [
+        f"target missed: {g['target']}: {g['measured']}x, {g['miss']}"
+        for g in goals
+        if g["met"] is False
+    ]
+    return new_report(
+        "bench_serving",
+        kind="serving",
+        title="Serving: slimserve vs the older architecture",
+        tables=tables,
+        charts=charts,
+        notes=notes,
+        command=command,
+    )

@@ -1,0 +1,259 @@
+"""`make bench`: every benchmark in one run, on one machine, written to reports/.
+
+1. variants — `bench/variants.py`, every built variant -> `reports/bench_variants.*`;
+2. baseline — the older architecture (`bench/baseline.py`: Flask, 2 torch threads, HF
+   `generate` per request) serving the student, driven by the load generator;
+3. serving — `serve_config.yaml` as `serve run` applies it (on a private local Ray and a free
+   port), the same load generator, the same student weights, the same requests;
+4. gpu — `bench/gpu_decode.py` (skipped with its reason without CUDA).
+
+Steps 2 and 3 go one after the other, never side by side, so neither server competes with the
+other for the cores; the baseline goes first, with no Ray running. The race, the ratios and the
+targets of issue 9 go to `reports/bench_serving.*`; `reports/bench_results.md` is the README's
+results section, generated from the same numbers. Every report is stamped with the machine
+(CPU, cores, GPU, the load average at the start and end), versions, torch threads and commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.race import serving_report
+from bench.serving import CpuMeter, free_port, run_levels
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PARTS = {  # `slimserve bench <what>` -> the parts of `make bench` it runs
+    "variants": ("variants",),
+    "serving": ("serving",),
+    "baseline": ("baseline",),
+    "race": ("baseline", "serving"),
+    "gpu": ("gpu",),
+    "all": ("variants", "baseline", "serving", "gpu"),
+}
+
+
+@dataclass
+class BenchPlan:
+    """What one `make bench` run measures (defaults: the issue's figures on the tiny profile)."""
+
+    config: str = "configs/tiny.yaml"
+    serve_config: str = "serve_config.yaml"
+    artifacts: str | None = None  # None = the profile's artifacts_dir
+    variant: str = "student"  # served by both sides of the race
+    reports_dir: str = "reports"
+    parts: Sequence[str] = ("variants", "baseline", "serving", "gpu")
+    concurrencies: Sequence[int] = (1, 4, 16, 32)
+    max_tokens: int = 64
+    requests_per_client: int = 4  # per level: max(min_requests, this x concurrency)
+    min_requests: int = 16
+    repeats: int = 5  # variants: timed runs per figure
+    variant_threads: int = 1
+    baseline_threads: int = 2
+    command: str | None = None
+    loads: list[str] = field(default_factory=list)  # load averages, as measured
+
+    def load(self, when: str) -> str:
+        one, five, fifteen = os.getloadavg()
+        line = f"{when}: {one:.2f}, {five:.2f}, {fifteen:.2f}"
+        self.loads.append(line)
+        print(f"load average {line}", flush=True)
+        return line
+
+
+def _models_deployed(url: str) -> list[str]:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+            cards = json.loads(r.read())["data"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [c["id"] for c in cards if c.get("deployed")]
+
+
+@contextlib.contextmanager
+def start_serve(
+    serve_config: str | Path,
+    *,
+    config: str | Path | None = None,
+    artifacts_dir: str | Path | None = None,
+    port: int | None = None,
+    need: Sequence[str] = ("student",),
+    timeout_s: float = 900.0,
+) -> Iterator[str]:
+    """`serve run serve_config.yaml` in this process, on its own local Ray and a free port.
+
+    The YAML is applied the way `serve run` applies it (the controller runs the application
+    builder with the file's `args` and applies its `deployments:` overrides), with only the port
+    changed, and `config` / `artifacts_dir` overriding the args when given. A private Ray
+    (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after.
+    Yields the base URL once every variant in `need` is deployed and the app is RUNNING.
+    """
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(serve_config).read_text())
+    port = port or free_port()
+    raw.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
+    args = raw["applications"][0].setdefault("args", {})
+    if config is not None:
+        args["config"] = str(Path(config).resolve())
+    if artifacts_dir is not None:
+        args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
+    schema = ServeDeploySchema.model_validate(raw)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        address="local",
+        namespace="serve",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+        )
+        client.deploy_apps(schema)
+        deadline = time.monotonic() + timeout_s
+        name = schema.applications[0].name
+        while True:
+            status = serve.status().applications.get(name)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"Serve application failed: {status.message}")
+            running = status is not None and status.status == "RUNNING"
+            if running and set(need) <= set(_models_deployed(url)):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{need} not serving after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _levels(plan: BenchPlan, url: str, label: str, meter: CpuMeter) -> list[Any]:
+    return run_levels(
+        url,
+        model=plan.variant,
+        concurrencies=plan.concurrencies,
+        requests_per_client=plan.requests_per_client,
+        min_requests=plan.min_requests,
+        max_tokens=plan.max_tokens,
+        label=label,
+        meter=meter,
+    )
+
+
+def _serve_threads(plan: BenchPlan) -> str:
+    """The student replica's torch threads, as serve_config.yaml decides them."""
+    import yaml
+
+    from deployments.settings import parse_args, resolve
+
+    args = yaml.safe_load(Path(plan.serve_config).read_text())["applications"][0]["args"]
+    settings = parse_args(args)
+    s = resolve(settings, list(settings.variants) or [plan.variant]).get(plan.variant)
+    if s is None:
+        return "?"
+    return f"{s.torch_threads} per replica x {s.replicas or 1} replica(s)"
+
+
+def run_all(plan: BenchPlan) -> list[Path]:
+    """Run the parts of `plan` in order; write their reports; return the paths written."""
+    from slimserve.artifacts import ArtifactStore
+    from slimserve.catalogue import load_profile
+    from slimserve.hardware import machine
+    from slimserve.reports import write_report
+
+    profile = load_profile(plan.config)
+    root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
+    store = ArtifactStore(root, profile.name)
+    if {"baseline", "serving"} & set(plan.parts) and store.manifest(plan.variant) is None:
+        raise FileNotFoundError(f"{plan.variant} is not built: run `make artifacts`")
+    out = Path(plan.reports_dir)
+    written: list[Path] = []
+    threads = {
+        "variants": f"{plan.variant_threads}",
+        "baseline": f"{plan.baseline_threads}",
+        "serving": _serve_threads(plan),
+    }
+
+    def stamp() -> dict[str, Any]:
+        loads = " | ".join(plan.loads)
+        torch_threads = "; ".join(f"{k} {v}" for k, v in threads.items())
+        return {**machine(), "load_average": loads, "torch_threads": torch_threads}
+
+    plan.load("start")
+    if "variants" in plan.parts:
+        from bench.variants import run_variants, variants_report
+
+        rows = run_variants(profile, store, threads=plan.variant_threads, repeats=plan.repeats)
+        plan.load("after variants")
+        report = variants_report(rows, repeats=plan.repeats, command=plan.command)
+        report.machine = stamp()
+        written += write_report(report, out)
+    baseline: list[Any] = []
+    if "baseline" in plan.parts:
+        from bench.baseline import start_baseline
+
+        with start_baseline(
+            store.path(plan.variant), threads=plan.baseline_threads, log=out / "baseline.log"
+        ) as server:
+            baseline = _levels(plan, server.url, "baseline", CpuMeter({"baseline": server.pid}))
+        plan.load("after baseline")
+    slim: list[Any] = []
+    if "serving" in plan.parts:
+        with start_serve(
+            plan.serve_config, config=plan.config, artifacts_dir=root, need=(plan.variant,)
+        ) as url:
+            slim = _levels(plan, url, "slimserve", CpuMeter())
+        plan.load("after serving")
+    if slim or baseline:
+        report = serving_report(slim, baseline, plan.max_tokens, command=plan.command)
+        report.machine = stamp()
+        written += write_report(report, out)
+    if "gpu" in plan.parts:
+        from bench.gpu_decode import gpu_report, run_gpu_decode
+
+        report = gpu_report(run_gpu_decode(), command=plan.command)
+        report.machine = stamp()
+        written += write_report(report, out)
+    results = out / "bench_results.md"
+    results.write_text(results_markdown(out))
+    written.append(results)
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+RESULTS_ORDER = ("bench_serving", "bench_variants", "bench_gpu_decode")
+
+
+def results_markdown(reports_dir: str | Path, command: str = "make bench") -> str:
+    """The README's results section, rebuilt from the reports this run wrote."""
+    from slimserve.reports import read_report, render_markdown
+
+    parts = ["## Results", "", f"Reproduce: `{command}` (writes `reports/`).", ""]
+    for name in RESULTS_ORDER:
+        path = Path(reports_dir) / f"{name}.json"
+        if not path.is_file():
+            continue
+        loaded = read_report(path)
+        if loaded.report is None:
+            continue
+        png = f"{name}.png" if (Path(reports_dir) / f"{name}.png").is_file() else None
+        body = "\n" + render_markdown(loaded.report, f"reports/{png}" if png else None)
+        parts.append(body.replace("\n## ", "\n#### ").replace("\n# ", "\n### "))
+    return "\n".join(parts)

@@ -1,0 +1,266 @@
+"""Smoke runs of `make bench`'s parts on tiny in-code models (seconds each; no timed assertions).
+
+What is checked is the plumbing and the arithmetic: every bench runs end to end, its rows
+have the documented columns, its report is valid for the dashboard, and the coalescing of
+streamed tokens keeps the text intact. How fast anything is never decides a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bench import gpu_decode
+from bench.race import serving_report, side_by_side, targets
+from bench.serving import CpuMeter, LevelResult, RequestResult, run_levels
+from slimserve.artifacts import ArtifactStore, Manifest, folder_bytes, write_manifest
+from slimserve.catalogue import load_profile
+from slimserve.reports import read_report, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE = {
+    "name": "benchtest",
+    "seed": 0,
+    "block_size": 64,
+    "tokenizer": {"kind": "bpe", "vocab_size": 300},
+    "teacher": "teacher",
+    "variants": {
+        "teacher": {
+            "step": "finetune",
+            "params": {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "tokens": 1000},
+        },
+        "student": {"step": "distill", "from": "teacher", "params": {"layers": [0]}},
+    },
+}
+
+
+def _tiny_builder():
+    """`build_tiny_model` from tests/slimserve/conftest.py, loaded under a private name."""
+    path = ROOT / "tests" / "slimserve" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_slimserve_tiny_fixtures_b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[Path, Path]:
+    """A profile file and a store holding only the student (the teacher is not built)."""
+    before = torch.get_num_threads()
+    base = tmp_path_factory.mktemp("benchstore")
+    profile_path = base / "benchtest.yaml"
+    profile_path.write_text(yaml.safe_dump(PROFILE, sort_keys=False))
+    profile = load_profile(profile_path)
+    store = ArtifactStore(base / "artifacts", profile.name)
+    with store.writer("student") as tmp:
+        _tiny_builder()(tmp)
+        n = 12_345
+        write_manifest(
+            tmp,
+            Manifest(
+                variant="student",
+                profile=profile.name,
+                step="distill",
+                parent="teacher",
+                runtime="torch",
+                config_hash=profile.config_hash("student"),
+                parent_hash=None,
+                params_total=n,
+                params_nonzero=n,
+                bytes=folder_bytes(tmp),
+                metrics={"perplexity": 123.4, "agreement": 0.5},
+            ),
+        )
+    yield profile_path, base / "artifacts"
+    torch.set_num_threads(before)
+
+
+# -- variants ---------------------------------------------------------------------------------
+
+
+def test_variants_bench_smoke(store, tmp_path):
+    from bench.variants import COLUMNS, run_variants, variants_report
+
+    profile_path, root = store
+    profile = load_profile(profile_path)
+    kwargs = {"threads": 1, "repeats": 1, "prompt_tokens": 6, "decode_steps": 2}
+    rows = run_variants(profile, ArtifactStore(root, profile.name), isolate=True, **kwargs)
+    assert [r["variant"] for r in rows] == ["teacher", "student"]
+    assert rows[0]["note"] == "not built"
+    student = rows[1]
+    assert student["note"] is None and student["perplexity"] == 123.4
+    for key in ("prefill_b1_ms", "prefill_b8_ms", "decode_b1_ms", "decode_b8_ms", "tok_s_b8"):
+        assert student[key] > 0
+    assert student["peak_rss_mb"] > 0 and student["threads"] == 1
+    report = variants_report(rows, repeats=1, command="test")
+    assert report.tables[0].columns == list(COLUMNS)
+    paths = write_report(report, tmp_path, png=False)
+    assert read_report(paths[0]).report is not None
+
+
+# -- the load generator against the baseline ---------------------------------------------------
+
+
+def test_baseline_and_load_generator_smoke(store):
+    from bench.baseline import start_baseline
+
+    _, root = store
+    with start_baseline(root / "benchtest" / "student", threads=1) as server:
+        meter = CpuMeter({"baseline": server.pid})
+        levels = run_levels(
+            server.url,
+            model="student",
+            concurrencies=(1, 2),
+            streams=(False, True),
+            requests_per_client=1,
+            min_requests=2,
+            max_tokens=4,
+            meter=meter,
+        )
+    assert [(lv.stream, lv.concurrency) for lv in levels] == [
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    ]
+    for lv in levels:
+        row = lv.row()
+        assert row["ok"] == 2 and row["failed"] == 0, row["errors"]
+        assert 1 <= row["tokens_per_req"] <= 4
+        assert (row["ttft_p99_ms"] is not None) == lv.stream
+        assert any(r["role"] == "baseline" for r in lv.cpu_rows())
+
+
+# -- slimserve under Serve (serve_config.yaml as `serve run` applies it) -----------------------
+
+
+@pytest.mark.slow
+def test_serving_bench_smoke(store, tmp_path):
+    from bench.run_all import start_serve
+
+    profile_path, root = store
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["defaults"]["num_cpus"] = 0.1
+    config["applications"][0]["args"]["variants"] = {"student": {"max_batch_size": 4}}
+    serve_config = tmp_path / "serve_config.yaml"
+    serve_config.write_text(yaml.safe_dump(config))
+    with start_serve(serve_config, config=profile_path, artifacts_dir=root) as url:
+        levels = run_levels(
+            url,
+            model="student",
+            concurrencies=(2,),
+            requests_per_client=1,
+            min_requests=2,
+            max_tokens=4,
+            meter=CpuMeter(),
+        )
+    for lv in levels:
+        row = lv.row()
+        assert row["ok"] == 2 and row["failed"] == 0, row["errors"]
+        assert row["tokens_per_req"] == 4
+        if not lv.stream:
+            assert row["hop_ms_p50"] is not None  # the server's own timings came back
+        roles = {r["role"] for r in lv.cpu_rows()}
+        assert {"student", "Ingress", "proxy"} <= roles
+
+
+# -- the race report ---------------------------------------------------------------------------
+
+
+def _level(stream: bool, conc: int, tokens: int, wall: float, ttft: float | None) -> LevelResult:
+    results = [RequestResult(True, 0.5, tokens, ttft, frames=tokens) for _ in range(conc)]
+    return LevelResult(conc, stream, wall, results, {"proxy": 0.1})
+
+
+def test_race_report_ratios_and_targets(tmp_path):
+    slim = [_level(s, c, 64, 1.0, 0.05 if s else None) for s in (False, True) for c in (1, 16)]
+    base = [_level(s, c, 64, 8.0, 0.10 if s else None) for s in (False, True) for c in (1, 16)]
+    pairs = side_by_side([lv.row() for lv in slim], [lv.row() for lv in base])
+    c16 = next(p for p in pairs if p["concurrency"] == 16)
+    assert c16["tok_s_ratio"] == 8.0 and c16["ttft_p99_ratio"] == 0.5
+    goals = {g["target"]: g for g in targets(pairs)}
+    assert all(g["met"] for g in goals.values())
+    slow = [{**p, "tok_s_ratio": 4.0} for p in pairs]
+    missed = next(g for g in targets(slow) if g["target"].startswith("16 clients: non-streamed"))
+    assert missed["met"] is False and missed["miss"] == "short by 50%"
+    report = serving_report(slim, base, 64, command="test")
+    assert len(report.tables) == 5 and report.charts
+    loaded = read_report(write_report(report, tmp_path, png=False)[0])
+    assert loaded.report is not None, loaded.problem
+
+
+# -- GPU decode --------------------------------------------------------------------------------
+
+
+def test_static_decoder_matches_hf_on_cpu():
+    """The CUDA-graph path's arithmetic, run eagerly on CPU, against HF GPT-2's logits."""
+    model = gpu_decode.gpt2_model(
+        "cpu", torch.float32, n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64
+    )
+    ids = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(0))
+    dec = gpu_decode.StaticDecoder(model, batch=3, max_len=16)
+    logits, seq = dec.prefill(ids), ids
+    for _ in range(6):
+        tok = logits.argmax(-1)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        logits = dec.decode(tok).clone()
+        with torch.inference_mode():
+            ref = model(seq).logits[:, -1]
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        dec.capture()
+
+
+def test_gpu_decode_skips_or_runs(tmp_path):
+    if torch.cuda.is_available():
+        result = gpu_decode.run_gpu_decode(batches=(1,), steps=4, repeats=1)
+        assert result["rows"][0]["graph_ms"] > 0
+    else:
+        result = gpu_decode.run_gpu_decode()
+        assert result["skipped"].startswith("not run")
+    report = gpu_decode.gpu_report(result, command="test")
+    assert read_report(write_report(report, tmp_path, png=False)[0]).report is not None
+
+
+# -- serving-path tuning: coalesced streamed tokens ---------------------------------------------
+
+
+async def _chunks(items):
+    for item in items:
+        yield item
+        await asyncio.sleep(0)
+
+
+def _coalesced(chunks, interval_s: float) -> list[dict]:
+    from deployments.model import _coalesce
+
+    async def collect() -> list[dict]:
+        return [e async for e in _coalesce(_chunks(chunks), lambda: interval_s)]
+
+    return asyncio.run(collect())
+
+
+def test_coalescing_keeps_text_and_ids():
+    from slimserve.engine import StreamChunk
+
+    parts = [StreamChunk("He", [1]), StreamChunk("", [2]), StreamChunk("llo", [3])]
+    parts += [StreamChunk(" w", [4]), StreamChunk("orld", [5], "length")]
+    chunks = [(0, c) for c in parts]
+    per_token = _coalesced(chunks, 0.0)  # idle engine: one event per token with text
+    assert [e["text"] for e in per_token] == ["He", "llo", " w", "orld"]
+    assert [e["token_ids"] for e in per_token] == [[1], [2, 3], [4], [5]]  # held id kept
+    merged = _coalesced(chunks, 3600.0)  # under load: first delta at once, the rest at the end
+    assert [e["text"] for e in merged] == ["He", "llo world"]
+    assert [e["token_ids"] for e in merged] == [[1], [2, 3, 4, 5]]
+    assert merged[-1]["finish_reason"] == "length"
+    two = [(i % 2, StreamChunk(t, [k])) for k, (i, t) in enumerate(enumerate("abcd"))]
+    two += [(0, StreamChunk("", [9], "stop")), (1, StreamChunk("", [8], "stop"))]
+    events = _coalesced(two, 3600.0)
+    text = {i: "".join(e["text"] for e in events if e["index"] == i) for i in (0, 1)}
+    assert text == {0: "ac", 1: "bd"}
+    assert {e["index"] for e in events if e["finish_reason"] == "stop"} == {0, 1}
