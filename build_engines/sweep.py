@@ -20,6 +20,7 @@ built variants are. Everything is measured on the runner's evaluation blocks (te
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -183,13 +184,14 @@ def run_prune_sweep(
         speed = decode_speed(folders, (1, 8), repeats, steps, threads=threads)
 
     def speed_cols(name: str) -> dict[str, Any]:
-        b1, b8 = speed[name]["batch_1"], speed[name]["batch_8"]
-        return {
-            "tok_s_b1": b1,
-            "tok_s_b8": b8,
-            "speedup_b1": _ratio(b1, speed[parent]["batch_1"]),
-            "speedup_b8": _ratio(b8, speed[parent]["batch_8"]),
-        }
+        """Wall-clock and CPU-time decode tokens/s (see `decode_speed`), and / the parent's."""
+        cols: dict[str, Any] = {}
+        for clock in ("", "cpu_"):
+            for b in (1, 8):
+                key = f"{clock}batch_{b}"
+                cols[f"{clock}tok_s_b{b}"] = speed[name][key]
+                cols[f"{clock}speedup_b{b}"] = _ratio(speed[name][key], speed[parent][key])
+        return cols
 
     c0 = base_model.config
     parent_row = {
@@ -207,7 +209,10 @@ def run_prune_sweep(
         t = len(tables) - 1
         charts.append(
             Chart(
-                title="Structured: decode speedup, batch 8", table=t, x="config", y=["speedup_b8"]
+                title="Structured: decode speedup, batch 8",
+                table=t,
+                x="config",
+                y=["speedup_b8", "cpu_speedup_b8"],
             )
         )
         charts.append(
@@ -282,10 +287,15 @@ def _notes(
         f"L1 at amount {worst['amount']}: perplexity {worst['perplexity']:.2f} "
         f"({worst['ppl_vs_parent']}x the parent's), agreement {worst['agreement']}."
     )
+    p = speed[parent]
     notes.append(
         f"Decode tokens/s: greedy, {steps} steps after a 16-token prompt, torch runtime on CPU, "
         f"{threads} thread(s), median of {repeats} interleaved runs in one process; "
-        f"{parent}: {speed[parent]['batch_1']} (batch 1), {speed[parent]['batch_8']} (batch 8)."
+        f"{parent}: {p['batch_1']} (batch 1), {p['batch_8']} (batch 8) wall-clock, "
+        f"{p['cpu_batch_1']} / {p['cpu_batch_8']} per CPU-second of the decoding thread "
+        f"(cpu_* columns: what the model costs, whatever else runs on the machine)."
     )
+    load1, _, _ = os.getloadavg()
+    notes.append(f"Load average when the sweep ended: {load1:.1f} on {os.cpu_count()} cores.")
     notes.append("Sweep points are not recovered; built variants are (KD from the teacher).")
     return notes

@@ -180,7 +180,10 @@ def test_ratios_that_leave_nothing_are_refused():
 def test_decode_speed_reports_a_median_per_batch(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "a")
     speed = decode_speed({"a": tmp_path / "a"}, (1, 2), repeats=2, steps=3)
-    assert set(speed["a"]) == {"batch_1", "batch_2"} and all(v > 0 for v in speed["a"].values())
+    assert set(speed["a"]) == {"batch_1", "batch_2", "cpu_batch_1", "cpu_batch_2"}
+    assert all(v > 0 for v in speed["a"].values())
+    # CPU time of the decoding thread never exceeds wall time (one torch thread).
+    assert speed["a"]["cpu_batch_2"] >= speed["a"]["batch_2"] * 0.95
     assert (speed["repeats"], speed["threads"], speed["steps"]) == (2, 1, 3)
 
 
