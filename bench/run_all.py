@@ -92,7 +92,8 @@ def start_serve(
     The YAML is applied the way `serve run` applies it (the controller runs the application
     builder with the file's `args` and applies its `deployments:` overrides), with only the port
     changed, and `config` / `artifacts_dir` overriding the args when given. A private Ray
-    (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after.
+    (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after
+    (a Ray this process had already started is used instead, and left running).
     Yields the base URL once every variant in `need` is deployed and the app is RUNNING.
     """
     import ray
@@ -111,13 +112,15 @@ def start_serve(
         args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
     schema = ServeDeploySchema.model_validate(raw)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",
-        namespace="serve",
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    owns_ray = not ray.is_initialized()  # a test session's Ray is reused, and left running
+    if owns_ray:
+        ray.init(
+            address="local",
+            namespace="serve",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         client = serve_api.serve_start(
@@ -140,7 +143,8 @@ def start_serve(
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
 
 def _levels(plan: BenchPlan, url: str, label: str, meter: CpuMeter) -> list[Any]:

@@ -35,7 +35,10 @@ from slimserve.steps import BuildTrtParams, ProfileShape
 from slimserve.tokenizer import copy_tokenizer_files
 
 FP32_OPS = ("LayerNormalization", "Softmax", "Pow")  # kept fp32 in a converted fp16 graph
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit diff| vs the ONNX parent (fp32, CPU)
+# Max |logit diff| vs the fp32 ONNX parent on CPU. fp16 keeps ~3 significant digits: with
+# logits up to ~20 and a dozen layers of accumulation, 0.25 still catches a wrong mask or
+# position (errors of whole units) without failing an honest fp16 engine.
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}
 
 Shape = tuple[int, ...]
 

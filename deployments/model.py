@@ -9,14 +9,15 @@ live batch settings (`reconfigure`) and per-variant metrics. Client faults come 
 
 Streamed tokens are coalesced under load. Every event a replica yields crosses two Ray hops
 (replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
-not per token: measured on the tiny profile (2 cores, 16 streams) about 2.3 ms of CPU per
-event across the hops against 0.45 ms per token for the model step itself, so one event per
-token caps a 2-core machine near 700 streamed tokens/s. When the engine runs at least
-`COALESCE_MIN_RUNNING` requests, a request's deltas are therefore merged and sent at most every
-`STREAM_INTERVAL_MS` (vLLM's `stream_interval` in time rather than tokens). The first delta
-always goes at once (time to first token is unchanged), the last one (with `finish_reason`) too,
-and with fewer running requests every token is its own event, as before. The text is the same;
-only the number of SSE frames it arrives in changes. Both knobs are live (`reconfigure`).
+not per token: measured on the tiny profile (2 cores, 16 streams; bench/RESULTS.md) about 2 ms
+of CPU per event across the hops against ~0.6 ms per token for the replica's model step, so one
+event per token spends most of a 2-core machine on moving events. With R requests running and
+`STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every ceil(R / F)
+tokens, so a replica emits about F events per engine step however many streams it runs (vLLM's
+`stream_interval`, scaled with the load). With R <= F every token is its own event, as before;
+the first delta always goes at once (time to first token is unchanged), the last one (with
+`finish_reason`) too. The text is the same; only the number of SSE frames it arrives in
+changes. Live via `reconfigure` (`stream_frames_per_step`; 0 turns coalescing off).
 """
 
 from __future__ import annotations
@@ -44,10 +45,8 @@ log = logging.getLogger("ray.serve")
 
 Event = dict[str, Any]
 
-STREAM_INTERVAL_MS = 40.0
-"""Under load, a request's text deltas are sent at most this often (tokens coalesced)."""
-COALESCE_MIN_RUNNING = 4
-"""Coalescing starts when the engine runs at least this many requests; below, one per token."""
+STREAM_FRAMES_PER_STEP = 4
+"""About how many streamed events a replica sends per engine step (0 = one per token)."""
 
 
 @serve.deployment(name="model")
@@ -74,8 +73,8 @@ class ModelServer:
             on_step=lambda _: self.metrics.on_step(self.engine.stats),
             on_finish=self._on_finish,
         )
-        self.stream_interval_ms = STREAM_INTERVAL_MS
-        self.coalesce_min_running = COALESCE_MIN_RUNNING
+        self.frames_per_step = STREAM_FRAMES_PER_STEP
+        self._every = (0.0, 1)  # (when, tokens per event): recomputed at most once per ms
         self._open = asyncio.Event()  # admission gate; cleared only by `hold`
         self._open.set()
         self._held_until = 0.0
@@ -87,13 +86,12 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `user_config`: the engine's (max_batch_size, max_wait_ms,
-        max_queue) and, optionally, streaming's (stream_interval_ms, coalesce_min_running).
+        max_queue) and, optionally, streaming's `stream_frames_per_step`.
 
         The engine reads its config at every step, so a new batch size applies at once.
         """
         config = dict(user_config)
-        self.stream_interval_ms = float(config.pop("stream_interval_ms", STREAM_INTERVAL_MS))
-        self.coalesce_min_running = int(config.pop("coalesce_min_running", COALESCE_MIN_RUNNING))
+        self.frames_per_step = int(config.pop("stream_frames_per_step", STREAM_FRAMES_PER_STEP))
         self.engine.config = EngineConfig(**config)
 
     async def check_health(self) -> None:
@@ -176,19 +174,25 @@ class ModelServer:
             if job.get("return_prompt_ids"):
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
-            async for event in _coalesce(_merge(streams), self._interval_s):
+            async for event in _coalesce(_merge(streams), self._tokens_per_event):
                 yield event
             yield {"event": "end", **_summary(streams)}
         finally:
             for s in streams:  # client gone or timed out: free the batch slots now
                 s.cancel()
 
-    def _interval_s(self) -> float:
-        """How long a request's deltas may wait to be coalesced now (0 = send each token)."""
-        if self.stream_interval_ms <= 0:
-            return 0.0
-        busy = self.engine.stats().running >= self.coalesce_min_running
-        return self.stream_interval_ms / 1000 if busy else 0.0
+    def _tokens_per_event(self) -> int:
+        """ceil(running / frames_per_step), at least 1 (see the module docstring).
+
+        Called for every chunk of every stream, so it is cached for a millisecond: counting
+        the running requests walks the batch.
+        """
+        now = time.monotonic()
+        if now - self._every[0] > 0.001:
+            f = self.frames_per_step
+            running = self.engine.stats().running if f > 0 else 0
+            self._every = (now, max(1, -(-running // f)) if f > 0 else 1)
+        return self._every[1]
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -326,18 +330,19 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Strea
 
 
 async def _coalesce(
-    chunks: AsyncIterator[tuple[int, StreamChunk]], interval_s: Callable[[], float]
+    chunks: AsyncIterator[tuple[int, StreamChunk]], every: Callable[[], int]
 ) -> AsyncIterator[Event]:
     """`delta` events from (choice index, chunk) pairs, merging a choice's consecutive chunks
-    until `interval_s()` has passed since the last event (see the module docstring).
+    until it holds `every()` of them (see the module docstring).
 
-    The first delta and every delta with a `finish_reason` flush at once; chunks without text
-    (held back: an incomplete character, a possible stop string) add their token ids to the
-    next delta instead of being dropped. No timer task: a request gets a chunk at every engine
-    step, so pending text waits at most the interval plus one step.
+    The first delta and every delta with a `finish_reason` flush at once (and take every
+    other choice's pending text with them); chunks without text (held back: an incomplete
+    character, a possible stop string) add their token ids to the next delta instead of being
+    dropped. No timer: a request gets a chunk at every engine step.
     """
     pending: dict[int, Event] = {}
-    last: float | None = None  # when the last delta was sent (None: none yet)
+    counts: dict[int, int] = {}  # chunks merged into each pending event
+    sent = False
     async for index, chunk in chunks:
         event = pending.get(index)
         if event is None:
@@ -351,15 +356,15 @@ async def _coalesce(
         event["text"] += chunk.text
         event["token_ids"] += chunk.token_ids
         event["finish_reason"] = chunk.finish_reason
-        now = time.monotonic()
-        due = last is None or chunk.finish_reason is not None or now - last >= interval_s()
-        if not due:
+        counts[index] = counts.get(index, 0) + 1
+        if sent and chunk.finish_reason is None and counts[index] < every():
             continue
         for i in sorted(pending):
             ready = pending[i]
             if ready["text"] or ready["finish_reason"] is not None:
                 yield pending.pop(i)
-                last = now
+                counts.pop(i)
+                sent = True
 
 
 def _summary(streams: list[RequestStream]) -> dict[str, Any]:

@@ -236,13 +236,32 @@ async def _chunks(items):
         await asyncio.sleep(0)
 
 
-def _coalesced(chunks, interval_s: float) -> list[dict]:
+def _coalesced(chunks, every: int) -> list[dict]:
     from deployments.model import _coalesce
 
     async def collect() -> list[dict]:
-        return [e async for e in _coalesce(_chunks(chunks), lambda: interval_s)]
+        return [e async for e in _coalesce(_chunks(chunks), lambda: every)]
 
     return asyncio.run(collect())
+
+
+def test_tokens_per_event_follows_the_load():
+    from deployments.model import ModelServer
+
+    server = object.__new__(ModelServer.func_or_class)  # no model: only the policy
+
+    class Engine:
+        running = 0
+
+        def stats(self):
+            return self
+
+    server.engine, server.frames_per_step, server._every = Engine(), 4, (0.0, 1)
+    for running, every in ((0, 1), (4, 1), (5, 2), (16, 4), (32, 8)):
+        server.engine.running, server._every = running, (0.0, 1)
+        assert server._tokens_per_event() == every
+    server.frames_per_step, server._every = 0, (0.0, 1)
+    assert server._tokens_per_event() == 1
 
 
 def test_coalescing_keeps_text_and_ids():
@@ -251,16 +270,17 @@ def test_coalescing_keeps_text_and_ids():
     parts = [StreamChunk("He", [1]), StreamChunk("", [2]), StreamChunk("llo", [3])]
     parts += [StreamChunk(" w", [4]), StreamChunk("orld", [5], "length")]
     chunks = [(0, c) for c in parts]
-    per_token = _coalesced(chunks, 0.0)  # idle engine: one event per token with text
+    per_token = _coalesced(chunks, 1)  # few streams: one event per token with text
     assert [e["text"] for e in per_token] == ["He", "llo", " w", "orld"]
     assert [e["token_ids"] for e in per_token] == [[1], [2, 3], [4], [5]]  # held id kept
-    merged = _coalesced(chunks, 3600.0)  # under load: first delta at once, the rest at the end
-    assert [e["text"] for e in merged] == ["He", "llo world"]
-    assert [e["token_ids"] for e in merged] == [[1], [2, 3, 4, 5]]
+    merged = _coalesced(chunks, 2)  # busy: the first delta at once, then every 2 chunks
+    assert [e["text"] for e in merged] == ["He", "llo", " world"]
+    assert [e["token_ids"] for e in merged] == [[1], [2, 3], [4, 5]]
     assert merged[-1]["finish_reason"] == "length"
+    assert [e["text"] for e in _coalesced(chunks, 100)] == ["He", "llo world"]
     two = [(i % 2, StreamChunk(t, [k])) for k, (i, t) in enumerate(enumerate("abcd"))]
     two += [(0, StreamChunk("", [9], "stop")), (1, StreamChunk("", [8], "stop"))]
-    events = _coalesced(two, 3600.0)
+    events = _coalesced(two, 100)
     text = {i: "".join(e["text"] for e in events if e["index"] == i) for i in (0, 1)}
     assert text == {0: "ac", 1: "bd"}
     assert {e["index"] for e in events if e["finish_reason"] == "stop"} == {0, 1}

@@ -135,7 +135,7 @@ def test_fp16_conversion_keeps_norms_softmax_and_io_fp32(models, tmp_path):
     half = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)
     full = ort.InferenceSession(str(models.onnx_dir / MODEL_FILE)).run(None, feeds)
     assert half[0].dtype == np.float32
-    assert np.abs(half[0] - full[0]).max() < build_trt.TOLERANCE["fp16"]
+    assert np.abs(half[0] - full[0]).max() < 1e-2  # fp16 rounding only (3e-3 measured)
 
 
 def test_parent_checks(models, tmp_path):
