@@ -7,8 +7,9 @@
    port), the same load generator, the same student weights, the same requests;
 4. gpu — `bench/gpu_decode.py` (skipped with its reason without CUDA).
 
-Steps 2 and 3 go one after the other, never side by side, so neither server competes with the
-other for the cores; the baseline goes first, with no Ray running. The race, the ratios and the
+Steps 2 and 3 take turns level by level (`bench.serving.run_levels`): both servers are up, and
+only one is under load at any time, so neither competes with the other for the cores, and a
+drift in the machine's other load hits both sides of every ratio alike. The race, the ratios and the
 targets of issue 9 go to `reports/bench_serving.*`; `reports/bench_results.md` is the README's
 results section, generated from the same numbers. Every report is stamped with the machine
 (CPU, cores, GPU, the load average at the start and end), versions, torch threads and commit.
@@ -147,17 +148,44 @@ def start_serve(
             ray.shutdown()
 
 
-def _levels(plan: BenchPlan, url: str, label: str, meter: CpuMeter) -> list[Any]:
-    return run_levels(
-        url,
-        model=plan.variant,
-        concurrencies=plan.concurrencies,
-        requests_per_client=plan.requests_per_client,
-        min_requests=plan.min_requests,
-        max_tokens=plan.max_tokens,
-        label=label,
-        meter=meter,
-    )
+def _race(plan: BenchPlan, folder: Path, root: Path, out: Path) -> dict[str, list[Any]]:
+    """Both servers up at once (each idle while the other is measured), taking turns per level.
+
+    The baseline process is idle between its levels (Flask waiting on a socket); Ray's
+    background work (controller, raylet, health checks) goes on during the baseline's levels,
+    and the CPU table shows how much.
+    """
+    from bench.baseline import start_baseline
+
+    servers: dict[str, str] = {}
+    extra: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        if "serving" in plan.parts:
+            servers["slimserve"] = stack.enter_context(
+                start_serve(
+                    plan.serve_config, config=plan.config, artifacts_dir=root, need=(plan.variant,)
+                )
+            )
+        if "baseline" in plan.parts:
+            log = out / "baseline.log"
+            out.mkdir(parents=True, exist_ok=True)
+            server = stack.enter_context(
+                start_baseline(folder, threads=plan.baseline_threads, log=log)
+            )
+            servers["baseline"], extra["baseline"] = server.url, server.pid
+        plan.load("servers up")
+        levels = run_levels(
+            servers,
+            model=plan.variant,
+            concurrencies=plan.concurrencies,
+            requests_per_client=plan.requests_per_client,
+            min_requests=plan.min_requests,
+            max_tokens=plan.max_tokens,
+            meter=CpuMeter(extra),
+            own={"baseline": frozenset({"baseline"})},
+        )
+        plan.load("after the race")
+    return levels
 
 
 def _serve_threads(plan: BenchPlan) -> str:
@@ -208,22 +236,11 @@ def run_all(plan: BenchPlan) -> list[Path]:
         report = variants_report(rows, repeats=plan.repeats, command=plan.command)
         report.machine = stamp()
         written += write_report(report, out)
-    baseline: list[Any] = []
-    if "baseline" in plan.parts:
-        from bench.baseline import start_baseline
-
-        with start_baseline(
-            store.path(plan.variant), threads=plan.baseline_threads, log=out / "baseline.log"
-        ) as server:
-            baseline = _levels(plan, server.url, "baseline", CpuMeter({"baseline": server.pid}))
-        plan.load("after baseline")
-    slim: list[Any] = []
-    if "serving" in plan.parts:
-        with start_serve(
-            plan.serve_config, config=plan.config, artifacts_dir=root, need=(plan.variant,)
-        ) as url:
-            slim = _levels(plan, url, "slimserve", CpuMeter())
-        plan.load("after serving")
+    race = [p for p in ("baseline", "serving") if p in plan.parts]
+    levels: dict[str, list[Any]] = {}
+    if race:
+        levels = _race(plan, store.path(plan.variant), root, out)
+    slim, baseline = levels.get("slimserve", []), levels.get("baseline", [])
     if slim or baseline:
         report = serving_report(slim, baseline, plan.max_tokens, command=plan.command)
         report.machine = stamp()

@@ -64,6 +64,7 @@ class LevelResult:
     wall_s: float
     results: list[RequestResult] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds (CpuMeter)
+    own: frozenset[str] | None = None  # the server's own roles (None: all but "client")
 
     def row(self) -> dict[str, Any]:
         """The figures every slimserve benchmark prints (DESIGN.md), latencies in ms."""
@@ -90,11 +91,17 @@ class LevelResult:
             "tokens_per_req": _r(statistics.mean(r.output_tokens for r in ok)) if ok else None,
             "tokens_per_frame": _r(tokens / frames) if self.stream and frames else None,
             "hop_ms_p50": _ms(_pct(hops, 50)),
-            "cpu_ms_per_token": _r(sum(self.cpu_s.values()) * 1000 / tokens)
+            "cpu_ms_per_token": _r(self.own_cpu_s() * 1000 / tokens)
             if self.cpu_s and tokens
             else None,
             "errors": "; ".join(self.errors()) or None,
         }
+
+    def own_cpu_s(self) -> float:
+        """CPU seconds of the measured server's own processes during the level."""
+        if self.own is not None:
+            return sum(v for k, v in self.cpu_s.items() if k in self.own)
+        return sum(v for k, v in self.cpu_s.items() if k != "client")
 
     def cpu_rows(self) -> list[dict[str, Any]]:
         """CPU ms per output token, one row per process role (the cost of each hop)."""
@@ -245,7 +252,7 @@ async def run_level(
 
 
 def run_levels(
-    base_url: str,
+    servers: dict[str, str],
     *,
     model: str,
     concurrencies: Sequence[int] = (1, 4, 16, 32),
@@ -254,32 +261,39 @@ def run_levels(
     min_requests: int = 16,
     max_tokens: int = 64,
     timeout_s: float = 300.0,
-    label: str = "",
     meter: CpuMeter | None = None,
-) -> list[LevelResult]:
-    """Every (stream, concurrency) level in order (rows: `LevelResult.row()`).
+    own: dict[str, frozenset[str]] | None = None,
+) -> dict[str, list[LevelResult]]:
+    """Every (stream, concurrency) level against every server (label -> base URL), in turns.
 
-    Each level sends max(min_requests, requests_per_client × concurrency) requests.
+    The servers take turns level by level (all of one level, then the next), never running
+    together: on a machine whose other load drifts, each pair of figures compared in a ratio
+    is measured minutes apart at most, not a whole phase apart. Each level sends
+    max(min_requests, requests_per_client × concurrency) requests. `own` names each server's
+    own process roles for its `cpu_ms_per_token` (default: every role but the client).
+    Returns label -> levels (rows: `LevelResult.row()`).
     """
-    rows = []
+    out: dict[str, list[LevelResult]] = {label: [] for label in servers}
     for stream in streams:
         for conc in concurrencies:
             n = max(min_requests, requests_per_client * conc)
-            level = asyncio.run(
-                run_level(
-                    base_url,
-                    model=model,
-                    concurrency=conc,
-                    requests=n,
-                    stream=stream,
-                    max_tokens=max_tokens,
-                    timeout_s=timeout_s,
-                    meter=meter,
+            for label, url in servers.items():
+                level = asyncio.run(
+                    run_level(
+                        url,
+                        model=model,
+                        concurrency=conc,
+                        requests=n,
+                        stream=stream,
+                        max_tokens=max_tokens,
+                        timeout_s=timeout_s,
+                        meter=meter,
+                    )
                 )
-            )
-            print(_line(label, level.row()), flush=True)
-            rows.append(level)
-    return rows
+                level.own = (own or {}).get(label)
+                print(_line(label, level.row()), flush=True)
+                out[label].append(level)
+    return out
 
 
 def _line(label: str, row: dict[str, Any]) -> str:
