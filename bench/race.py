@@ -91,9 +91,10 @@ def targets(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if got is not None:
             row["met"] = got >= bound if kind == "min" else got <= bound
-            if not row["met"]:
-                short = (bound / got - 1) if kind == "min" else (got / bound - 1)
-                row["miss"] = f"{'short' if kind == 'min' else 'over'} by {short:.0%}"
+            if not row["met"] and kind == "min":
+                row["miss"] = f"{got / bound:.0%} of the target; {bound / got:.2f}x more needed"
+            elif not row["met"]:
+                row["miss"] = f"{got / bound - 1:.0%} over the bound"
         rows.append(row)
     return rows
 

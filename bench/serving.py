@@ -269,8 +269,9 @@ def run_levels(
     The servers take turns level by level (all of one level, then the next), never running
     together: on a machine whose other load drifts, each pair of figures compared in a ratio
     is measured minutes apart at most, not a whole phase apart. Each level sends
-    max(min_requests, requests_per_client × concurrency) requests. `own` names each server's
-    own process roles for its `cpu_ms_per_token` (default: every role but the client).
+    max(min_requests, requests_per_client × concurrency) requests. `own` names a server's own
+    process roles for its `cpu_ms_per_token`; a server not in it owns every role that no other
+    server claims, except the client.
     Returns label -> levels (rows: `LevelResult.row()`).
     """
     out: dict[str, list[LevelResult]] = {label: [] for label in servers}
@@ -290,7 +291,8 @@ def run_levels(
                         meter=meter,
                     )
                 )
-                level.own = (own or {}).get(label)
+                claimed = frozenset().union(*(own or {}).values(), {"client"})
+                level.own = (own or {}).get(label) or frozenset(level.cpu_s) - claimed
                 print(_line(label, level.row()), flush=True)
                 out[label].append(level)
     return out

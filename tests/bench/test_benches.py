@@ -113,7 +113,7 @@ def test_baseline_and_load_generator_smoke(store):
     with start_baseline(root / "benchtest" / "student", threads=1) as server:
         meter = CpuMeter({"baseline": server.pid})
         levels = run_levels(
-            server.url,
+            {"baseline": server.url},
             model="student",
             concurrencies=(1, 2),
             streams=(False, True),
@@ -121,7 +121,8 @@ def test_baseline_and_load_generator_smoke(store):
             min_requests=2,
             max_tokens=4,
             meter=meter,
-        )
+            own={"baseline": frozenset({"baseline"})},
+        )["baseline"]
     assert [(lv.stream, lv.concurrency) for lv in levels] == [
         (False, 1),
         (False, 2),
@@ -134,6 +135,7 @@ def test_baseline_and_load_generator_smoke(store):
         assert 1 <= row["tokens_per_req"] <= 4
         assert (row["ttft_p99_ms"] is not None) == lv.stream
         assert any(r["role"] == "baseline" for r in lv.cpu_rows())
+        assert row["cpu_ms_per_token"] is not None
 
 
 # -- slimserve under Serve (serve_config.yaml as `serve run` applies it) -----------------------
@@ -151,14 +153,14 @@ def test_serving_bench_smoke(store, tmp_path):
     serve_config.write_text(yaml.safe_dump(config))
     with start_serve(serve_config, config=profile_path, artifacts_dir=root) as url:
         levels = run_levels(
-            url,
+            {"slimserve": url},
             model="student",
             concurrencies=(2,),
             requests_per_client=1,
             min_requests=2,
             max_tokens=4,
             meter=CpuMeter(),
-        )
+        )["slimserve"]
     for lv in levels:
         row = lv.row()
         assert row["ok"] == 2 and row["failed"] == 0, row["errors"]
@@ -187,7 +189,7 @@ def test_race_report_ratios_and_targets(tmp_path):
     assert all(g["met"] for g in goals.values())
     slow = [{**p, "tok_s_ratio": 4.0} for p in pairs]
     missed = next(g for g in targets(slow) if g["target"].startswith("16 clients: non-streamed"))
-    assert missed["met"] is False and missed["miss"] == "short by 50%"
+    assert missed["met"] is False and missed["miss"] == "67% of the target; 1.50x more needed"
     report = serving_report(slim, base, 64, command="test")
     assert len(report.tables) == 5 and report.charts
     loaded = read_report(write_report(report, tmp_path, png=False)[0])
