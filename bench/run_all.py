@@ -113,6 +113,9 @@ def start_serve(
         args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
     schema = ServeDeploySchema.model_validate(raw)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers (replicas, proxy) at niceness 15, so any other busy process on
+    # the machine outranks them; the baseline runs at 0. Same priority for a fair race.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     owns_ray = not ray.is_initialized()  # a test session's Ray is reused, and left running
     if owns_ray:
         ray.init(
@@ -167,8 +170,8 @@ def _race(plan: BenchPlan, folder: Path, root: Path, out: Path) -> dict[str, lis
                 )
             )
         if "baseline" in plan.parts:
-            log = out / "baseline.log"
-            out.mkdir(parents=True, exist_ok=True)
+            log = out / "raw" / "baseline.log"  # reports/raw/ is not committed
+            log.parent.mkdir(parents=True, exist_ok=True)
             server = stack.enter_context(
                 start_baseline(folder, threads=plan.baseline_threads, log=log)
             )

@@ -13,6 +13,7 @@ inside the workers (Ray Train V2, the default in Ray 2.60).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ class WorkerPlan:
 
     workers: int
     use_gpu: bool
-    cpus_per_worker: int
+    cpus_per_worker: float  # Ray's logical reservation (fractional when others hold CPUs)
+    threads: int  # torch threads per worker
 
     @property
     def device(self) -> str:
@@ -58,7 +60,9 @@ def plan_workers(training: TrainingDefaults, workers: int | None = None) -> Work
     `use_gpu: auto` means "when CUDA exists" (here or on the cluster's nodes);
     `cpus_per_worker: None` means the cluster's CPUs divided by the workers, capped by what is
     free now (another job, e.g. a Serve replica, may hold some) so the trainer does not wait
-    forever for CPUs nobody will release.
+    forever for CPUs nobody will release: under one free CPU per worker the reservation becomes
+    that fraction (the threads stay at cores / workers; idle replicas leave the cores free), and
+    with less than 0.05 CPU free per worker this raises instead of waiting.
     """
     import ray
 
@@ -67,12 +71,23 @@ def plan_workers(training: TrainingDefaults, workers: int | None = None) -> Work
         use_gpu = hardware.has_cuda() or ray.cluster_resources().get("GPU", 0) > 0
     else:
         use_gpu = bool(training.use_gpu)
-    cpus = training.cpus_per_worker
-    if cpus is None:
-        total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        free = int(ray.available_resources().get("CPU", total))
-        cpus = max(1, min(total, free) // n)
-    return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=cpus)
+    if training.cpus_per_worker is not None:
+        fixed = training.cpus_per_worker
+        return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=fixed, threads=fixed)
+    total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    free = float(ray.available_resources().get("CPU", 0.0))
+    threads = max(1, total // n)
+    share = min(total, free) / n
+    if share >= 1:
+        cpus: float = int(share)
+    elif share >= 0.05:
+        cpus = math.floor(share * 100) / 100
+    else:
+        raise RuntimeError(
+            f"Ray has {free:.2f} of {total} CPUs free for {n} training worker(s): something else "
+            "(e.g. Serve replicas) holds them. Stop it, or set training.cpus_per_worker."
+        )
+    return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=cpus, threads=threads)
 
 
 def scaling_config(plan: WorkerPlan):
@@ -196,7 +211,7 @@ def job_for(ctx: Any, init_dir: str, plan: WorkerPlan, label: str, **extra: Any)
         budget=ctx.params,
         seed=ctx.profile.seed,
         label=label,
-        threads=plan.cpus_per_worker,
+        threads=plan.threads,
         interrupt_after_steps=int(os.environ.get(INTERRUPT_ENV, "0")) or None,
         **extra,
     )
@@ -233,4 +248,5 @@ def training_details(outcome: JobOutcome, plan: WorkerPlan) -> dict[str, Any]:
         "workers": plan.workers,
         "device": plan.device,
         "cpus_per_worker": plan.cpus_per_worker,
+        "threads": plan.threads,
     }

@@ -11,8 +11,11 @@ runs four applications in one Serve instance on a free port:
 * `secured` at `/secured`: like `empty`, with an API key (`SLIMSERVE_TEST_API_KEY`, set before
   Ray starts so every worker inherits it).
 
-The fixture is package-scoped: Serve's replicas hold CPUs, so it shuts down when this package's
-tests end, before other packages (Ray Train) need the cores.
+Serve's replicas hold CPUs, so Serve must stop when this folder's tests end, before other
+folders (Ray Train) need the cores. `scope="package"` alone does not do that: this folder has no
+`__init__.py`, so pytest keeps the fixture to the end of the session (the training tests then
+waited forever for a CPU). `pytest_runtest_teardown` below stops Serve after this folder's last
+test; the fixture's own finalizer is then a no-op.
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ from typing import Any
 import pytest
 import yaml
 from serve_helpers import API_KEY_ENV, PROFILE, ServeUrls, build_tiny_store, free_port
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop Serve once the next test lies outside this folder (or there is none)."""
+    here = Path(__file__).parent
+    if nextitem is None or here not in Path(nextitem.path).parents:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            serve.shutdown()
 
 
 def _args(profile_path: Path, root: Path, **extra: Any) -> dict[str, Any]:

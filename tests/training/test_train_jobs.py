@@ -74,20 +74,28 @@ def test_zero_masks_cover_only_pruned_matrices():
     assert masks["0.weight"].sum() == 14
 
 
-def test_workers_get_all_cores_on_cpu(ray_session):
-    # All the cores this Ray has free (2 in the test session unless another test holds some).
-    cores = max(
-        1,
-        int(min(ray_session.cluster_resources()["CPU"], ray_session.available_resources()["CPU"])),
-    )
+def test_workers_get_all_cores_on_cpu(ray_session, monkeypatch):
+    def cluster(total: float, free: float) -> None:
+        monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": total})
+        monkeypatch.setattr(ray_session, "available_resources", lambda: {"CPU": free})
+
+    cluster(2, 2.0)
     one = plan_workers(TrainingDefaults(workers=1, use_gpu=False))
-    assert (one.workers, one.use_gpu, one.cpus_per_worker) == (1, False, cores)
-    assert scaling_config(one).resources_per_worker == {"CPU": cores}
+    assert (one.workers, one.use_gpu, one.cpus_per_worker, one.threads) == (1, False, 2, 2)
+    assert scaling_config(one).resources_per_worker == {"CPU": 2}
     assert scaling_config(one).num_workers == 1 and not scaling_config(one).use_gpu
     two = plan_workers(TrainingDefaults(workers=1, use_gpu=False), workers=2)
-    assert two.workers == 2 and two.cpus_per_worker == max(1, cores // 2)
+    assert (two.workers, two.cpus_per_worker, two.threads) == (2, 1, 1)
     fixed = plan_workers(TrainingDefaults(workers=1, cpus_per_worker=3, use_gpu=False))
-    assert fixed.cpus_per_worker == 3
+    assert (fixed.cpus_per_worker, fixed.threads) == (3, 3)
+
+    # Serve replicas hold 1.15 of the 2 CPUs: reserve what is free instead of waiting forever.
+    cluster(2, 0.85)
+    shared = plan_workers(TrainingDefaults(workers=1, use_gpu=False))
+    assert (shared.cpus_per_worker, shared.threads) == (0.85, 2)
+    cluster(2, 0.0)
+    with pytest.raises(RuntimeError, match="0.00 of 2 CPUs free"):
+        plan_workers(TrainingDefaults(workers=1, use_gpu=False))
 
 
 def run_in_process(job: LoopConfig, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -272,7 +280,7 @@ def test_interrupted_teacher_resumes_then_student_distils(
         val_blocks=data.blocks("validation", 32).numpy(),
         budget=profile.step_params("teacher"),
         seed=profile.seed,
-        threads=t["cpus_per_worker"],
+        threads=t["threads"],
     )
     metrics, weights = run_in_process(reference, monkeypatch)
     assert metrics["step"] == 24 and metrics["resumed_from_step"] is None
