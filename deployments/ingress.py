@@ -76,7 +76,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 @serve.deployment(
     name=INGRESS_NAME,
     num_replicas=1,
-    max_ongoing_requests=256,
+    max_ongoing_requests=1024,  # above every variant queue combined: they say 503 first
     ray_actor_options={"num_cpus": 0.1},
 )
 @serve.ingress()
