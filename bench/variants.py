@@ -36,7 +36,9 @@ from typing import Any
 from bench.engine_bench import PROMPTS
 from slimserve.artifacts import ArtifactError, ArtifactStore
 from slimserve.catalogue import Profile
+from slimserve.hardware import missing
 from slimserve.reports import Chart, Report, Table, new_report
+from slimserve.steps import STEPS
 
 BATCHES = (1, 8)
 
@@ -134,8 +136,6 @@ def _measure_isolated(folder: Path, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _skip_reason(runtime: str) -> str | None:
-    from slimserve.hardware import missing
-
     if runtime == "tensorrt":
         return missing("tensorrt")
     return None
@@ -159,7 +159,8 @@ def run_variants(
             rows.append({**row, "note": f"unreadable: {exc}"})
             continue
         if manifest is None:
-            rows.append({**row, "note": "not built"})
+            absent = missing(STEPS[profile.variants[name].step].requires)
+            rows.append({**row, "note": f"skipped: {absent}" if absent else "not built"})
             continue
         m = manifest.metrics
         row |= {

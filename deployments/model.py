@@ -18,6 +18,13 @@ tokens, so a replica emits about F events per engine step however many streams i
 the first delta always goes at once (time to first token is unchanged), the last one (with
 `finish_reason`) too. The text is the same; only the number of SSE frames it arrives in
 changes. Live via `reconfigure` (`stream_frames_per_step`; 0 turns coalescing off).
+
+Light load gets a time rule instead: after the first delta, a request's deltas go at most every
+`STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell). With one
+stream on the tiny student a token takes ~2.5 ms, so one frame per token spent ~1.5 ms of hop
+CPU per token and made a streamed request ~60 % slower end to end than a non-streamed one
+(bench/RESULTS.md); 20 ms frames carry ~8 tokens each. The first delta and the last still go at
+once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ Event = dict[str, Any]
 
 STREAM_FRAMES_PER_STEP = 4
 """About how many streamed events a replica sends per engine step (0 = one per token)."""
+STREAM_MIN_INTERVAL_MS = 20.0
+"""A request's deltas after its first go at most this often (0 = no time rule)."""
 
 
 @serve.deployment(name="model")
@@ -74,6 +83,7 @@ class ModelServer:
             on_finish=self._on_finish,
         )
         self.frames_per_step = STREAM_FRAMES_PER_STEP
+        self.min_interval_s = STREAM_MIN_INTERVAL_MS / 1e3
         self._every = (0.0, 1)  # (when, tokens per event): recomputed at most once per ms
         self._open = asyncio.Event()  # admission gate; cleared only by `hold`
         self._open.set()
@@ -86,12 +96,15 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `user_config`: the engine's (max_batch_size, max_wait_ms,
-        max_queue) and, optionally, streaming's `stream_frames_per_step`.
+        max_queue) and, optionally, streaming's `stream_frames_per_step` and
+        `stream_min_interval_ms`.
 
         The engine reads its config at every step, so a new batch size applies at once.
         """
         config = dict(user_config)
         self.frames_per_step = int(config.pop("stream_frames_per_step", STREAM_FRAMES_PER_STEP))
+        interval_ms = float(config.pop("stream_min_interval_ms", STREAM_MIN_INTERVAL_MS))
+        self.min_interval_s = max(0.0, interval_ms) / 1e3
         self.engine.config = EngineConfig(**config)
 
     async def check_health(self) -> None:
@@ -174,7 +187,8 @@ class ModelServer:
             if job.get("return_prompt_ids"):
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
-            async for event in _coalesce(_merge(streams), self._tokens_per_event):
+            merged = _merge(streams)
+            async for event in _coalesce(merged, self._tokens_per_event, self.min_interval_s):
                 yield event
             yield {"event": "end", **_summary(streams)}
         finally:
@@ -330,10 +344,14 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Strea
 
 
 async def _coalesce(
-    chunks: AsyncIterator[tuple[int, StreamChunk]], every: Callable[[], int]
+    chunks: AsyncIterator[tuple[int, StreamChunk]],
+    every: Callable[[], int],
+    min_interval_s: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Event]:
     """`delta` events from (choice index, chunk) pairs, merging a choice's consecutive chunks
-    until it holds `every()` of them (see the module docstring).
+    until it holds `every()` of them and `min_interval_s` has passed since the last event
+    (see the module docstring).
 
     The first delta and every delta with a `finish_reason` flush at once (and take every
     other choice's pending text with them); chunks without text (held back: an incomplete
@@ -343,6 +361,7 @@ async def _coalesce(
     pending: dict[int, Event] = {}
     counts: dict[int, int] = {}  # chunks merged into each pending event
     sent = False
+    last = 0.0  # clock() when the last event went
     async for index, chunk in chunks:
         event = pending.get(index)
         if event is None:
@@ -357,14 +376,15 @@ async def _coalesce(
         event["token_ids"] += chunk.token_ids
         event["finish_reason"] = chunk.finish_reason
         counts[index] = counts.get(index, 0) + 1
-        if sent and chunk.finish_reason is None and counts[index] < every():
+        early = counts[index] < every() or clock() - last < min_interval_s
+        if sent and chunk.finish_reason is None and early:
             continue
         for i in sorted(pending):
             ready = pending[i]
             if ready["text"] or ready["finish_reason"] is not None:
                 yield pending.pop(i)
                 counts.pop(i)
-                sent = True
+                sent, last = True, clock()
 
 
 def _summary(streams: list[RequestStream]) -> dict[str, Any]:

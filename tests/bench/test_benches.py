@@ -238,11 +238,12 @@ async def _chunks(items):
         await asyncio.sleep(0)
 
 
-def _coalesced(chunks, every: int) -> list[dict]:
+def _coalesced(chunks, every: int, interval_s: float = 0.0, clock=None) -> list[dict]:
     from deployments.model import _coalesce
 
     async def collect() -> list[dict]:
-        return [e async for e in _coalesce(_chunks(chunks), lambda: every)]
+        extra = {"clock": clock} if clock else {}
+        return [e async for e in _coalesce(_chunks(chunks), lambda: every, interval_s, **extra)]
 
     return asyncio.run(collect())
 
@@ -286,3 +287,17 @@ def test_coalescing_keeps_text_and_ids():
     text = {i: "".join(e["text"] for e in events if e["index"] == i) for i in (0, 1)}
     assert text == {0: "ac", 1: "bd"}
     assert {e["index"] for e in events if e["finish_reason"] == "stop"} == {0, 1}
+
+
+def test_light_load_frames_are_at_least_the_interval_apart():
+    from slimserve.engine import StreamChunk
+
+    chunks = [(0, StreamChunk(c, [k])) for k, c in enumerate("abcdefg")]
+    chunks += [(0, StreamChunk("h", [7], "length"))]
+    ticks = iter([0.000, 0.005, 0.010, 0.021, 0.022, 0.030, 0.041, 0.045, 0.050] + [1.0] * 9)
+    events = _coalesced(chunks, 1, 0.010, clock=lambda: next(ticks))
+    # "a" at once; then a frame only once 10 ms passed since the last one; "h" ends at once.
+    assert "".join(e["text"] for e in events) == "abcdefgh"
+    assert [e["text"] for e in events][0] == "a" and events[-1]["finish_reason"] == "length"
+    assert len(events) < len(chunks)
+    assert [e["text"] for e in _coalesced(chunks, 1, 0.0)] == list("abcdefgh")  # rule off
