@@ -6,13 +6,26 @@ import os
 
 import pytest
 
-from slimserve.artifacts import ArtifactError, ArtifactStore, Manifest, read_manifest, write_manifest
+from slimserve.artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
 
 
 def manifest(name: str = "v") -> Manifest:
     return Manifest(
-        variant=name, profile="p", step="finetune", parent=None, runtime="torch",
-        config_hash="abc", parent_hash=None, params_total=10, params_nonzero=7,
+        variant=name,
+        profile="p",
+        step="finetune",
+        parent=None,
+        runtime="torch",
+        config_hash="abc",
+        parent_hash=None,
+        params_total=10,
+        params_nonzero=7,
     )
 
 
@@ -26,7 +39,9 @@ def test_manifest_round_trip(tmp_path):
     assert back.artifact_hash == m.artifact_hash
 
 
-@pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"), ('{"variant": 1}', "bad fields")])
+@pytest.mark.parametrize(
+    "content, needle", [("{not json", "not valid JSON"), ('{"variant": 1}', "bad fields")]
+)
 def test_corrupt_manifest_is_named(tmp_path, content, needle):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(ArtifactError, match=needle):

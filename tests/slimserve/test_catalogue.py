@@ -23,7 +23,9 @@ def test_shipped_profiles_validate():
         p = load_profile(path)
         assert p.order()[0] == "teacher"
     gpt2 = load_profile("configs/gpt2.yaml")
-    assert {"student-onnx-int8", "student-trt", "student-slim", "student-pruned"} <= set(gpt2.variants)
+    assert {"student-onnx-int8", "student-trt", "student-slim", "student-pruned"} <= set(
+        gpt2.variants
+    )
 
 
 def test_order_puts_parents_first():

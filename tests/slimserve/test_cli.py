@@ -12,7 +12,10 @@ from slimserve.cli import main, make_parser
 
 def test_help_lists_verbs():
     out = subprocess.run(
-        [sys.executable, "-m", "slimserve.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "slimserve.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for verb in ("build", "eval", "data", "generate", "bench"):
         assert verb in out

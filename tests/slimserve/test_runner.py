@@ -35,7 +35,11 @@ def make_profile(tmp_path, corpus, temperature: float = 2.0):
             "tokenizer": {"vocab_size": 270},
             "variants": {
                 "teacher": {"step": "finetune", "params": {"model": {}}},
-                "student": {"step": "distill", "from": "teacher", "params": {"temperature": temperature}},
+                "student": {
+                    "step": "distill",
+                    "from": "teacher",
+                    "params": {"temperature": temperature},
+                },
                 "student-onnx": {"step": "export-onnx", "from": "student"},
                 "student-trt": {"step": "build-trt", "from": "student-onnx"},
             },
@@ -56,7 +60,9 @@ def calls(monkeypatch):
         return StepResult(details={"ok": True}, params_total=5, params_nonzero=4, evaluate=False)
 
     monkeypatch.setattr(runner, "load_step", lambda step: fake_step)
-    monkeypatch.setattr(runner.hardware, "missing", lambda req: "no NVIDIA GPU" if req == "tensorrt" else None)
+    monkeypatch.setattr(
+        runner.hardware, "missing", lambda req: "no NVIDIA GPU" if req == "tensorrt" else None
+    )
     return seen
 
 
