@@ -80,6 +80,9 @@ class VariantSettings(Strict):
     max_queued_requests: int = Field(
         64, ge=1, le=1_000_000, description="queue limit per caller; past it HTTP 503"
     )
+    stream_min_interval_ms: float = Field(
+        20.0, ge=0, le=1000, description="streamed deltas after the first at most this often"
+    )
     retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After on 503")
     health_check_period_s: float = Field(10.0, gt=0, le=3600)
     health_check_timeout_s: float = Field(30.0, gt=0, le=3600)
@@ -253,4 +256,5 @@ def engine_config(s: VariantSettings) -> dict[str, Any]:
         "max_batch_size": s.max_batch_size,
         "max_wait_ms": s.max_wait_ms,
         "max_queue": s.ongoing,
+        "stream_min_interval_ms": s.stream_min_interval_ms,
     }

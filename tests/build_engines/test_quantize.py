@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_onnx_export import fake_ctx, make_torch_artifact
 
 from build_engines.onnx_export import MODEL_FILE, export_folder, initializer_stats
+from build_engines.parity import forced_choices, greedy
 from build_engines.quantize import QualityError, gemm_to_matmul, quantize_folder, run
 from slimserve.artifacts import ArtifactError, Manifest, write_manifest
 from slimserve.runtimes import onnx_rt
@@ -98,7 +99,11 @@ def test_quality_is_measured_at_batch_1_and_recorded(int8):
     assert q["batch"] == 1 and q["eval_tokens"] > 0
     assert q["perplexity_ratio"] <= TINY.max_ppl_ratio and q["greedy_agreement"] >= 0.5
     assert q["greedy_tokens"] == 32 * 32 and 0.9 <= q["top1_agreement"] <= 1.0
+    assert 0 <= q["free_running_agreement"] <= 1
     rt = onnx_rt.load(out, device="cpu", threads=1)
+    # Lockstep: fed its own greedy tokens, a runtime picks exactly them again.
+    path = greedy(rt, [3, 4, 5], 8)
+    assert forced_choices(rt, [3, 4, 5], path) == path
     assert rt.info.dtype == "int8"
     logits, state = rt.prefill([[3, 4, 5], [6]])  # the runtime contract holds for int8 too
     assert logits.shape == (2, rt.info.vocab_size) and state.past_length == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -158,8 +159,10 @@ def test_make_docker_builds_the_target(target: str):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     dry = subprocess.run(
-        ["make", "-n", "docker", f"DOCKER_TARGET={target}"],
+        ["make", "--no-print-directory", "-n", "docker", f"DOCKER_TARGET={target}"],
         cwd=ROOT,
+        # under `make test` the outer make's MAKEFLAGS (-w) adds "Entering directory" lines
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")},
         capture_output=True,
         text=True,
         check=True,

@@ -66,7 +66,8 @@ def serve_urls(ray_session, tmp_path_factory) -> Iterator[ServeUrls]:
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=60),
     )
-    light = {"num_cpus": 0.15, "max_batch_size": 4}
+    # One SSE frame per token (the framing tests count them); production merges 20 ms.
+    light = {"num_cpus": 0.15, "max_batch_size": 4, "stream_min_interval_ms": 0}
     faults = {
         "num_cpus": 0.15,
         "max_batch_size": 1,

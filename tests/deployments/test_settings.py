@@ -108,7 +108,12 @@ def test_deployment_options_fixed_and_autoscaled():
     fixed = deployment_options(VariantSettings(replicas=3), place("torch", VariantSettings(), 0))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.0}
-    assert fixed["user_config"] == {"max_batch_size": 8, "max_wait_ms": 2.0, "max_queue": 16}
+    assert fixed["user_config"] == {
+        "max_batch_size": 8,
+        "max_wait_ms": 2.0,
+        "max_queue": 16,
+        "stream_min_interval_ms": 20.0,
+    }
     auto_s = VariantSettings(autoscaling={"min_replicas": 0, "max_replicas": 4})
     auto = deployment_options(auto_s, place("torch", auto_s, 1))
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 0.25
