@@ -36,7 +36,9 @@ from deployments.settings import (
 )
 from slimserve.artifacts import MANIFEST, ArtifactError, ArtifactStore, Manifest
 from slimserve.catalogue import Profile, load_profile
+from slimserve.hardware import missing
 from slimserve.protocol import ModelCard
+from slimserve.steps import STEPS
 
 log = logging.getLogger("ray.serve")
 
@@ -172,7 +174,8 @@ def plan_variant(
         card.reason = f"unavailable: {exc}"
         return VariantPlan(card=card)
     if manifest is None:
-        card.reason = NOT_BUILT
+        absent = missing(STEPS[v.step].requires)  # e.g. build-trt on a machine without a GPU
+        card.reason = f"not built: {absent}" if absent else NOT_BUILT
         return VariantPlan(card=card)
     folder = store.path(name)
     card.created = int(manifest.created)

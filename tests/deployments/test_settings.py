@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,12 @@ def test_plan_records_why_variants_are_not_deployed(tmp_path, monkeypatch):
     assert "corrupt manifest" in (cards["student-onnx"].reason or "")
     assert "NVIDIA GPU" in (cards["student-trt"].reason or "")
     assert catalogue["message"] is None and catalogue["teacher"] == "teacher"
+
+    # A TensorRT variant never built on this machine says why, instead of "run make artifacts".
+    shutil.rmtree(store.path("student-trt"))
+    cards = {p.card.id: p.card for p in plan(args)[0]}
+    reason = cards["student-trt"].reason or ""
+    assert reason.startswith("not built: ") and reason != NOT_BUILT and "GPU" in reason
     deployed = [p for p in plans if p.options is not None]
     assert {p.card.id for p in deployed} == {"teacher", "student"}
     assert all(p.init and p.init["device"] == "cpu" and p.init["threads"] == 1 for p in deployed)
@@ -195,4 +202,6 @@ def test_plan_without_artifacts_says_not_built(tmp_path, monkeypatch):
     profile.write_text(yaml.safe_dump(PROFILE))
     plans, catalogue = plan({"config": str(profile), "artifacts_dir": str(tmp_path / "none")})
     assert catalogue["message"] == NOT_BUILT
-    assert all(not p.card.deployed and p.card.reason == NOT_BUILT for p in plans)
+    # "not built", and for the TensorRT variant on this GPU-less machine also why
+    assert all(not p.card.deployed and p.card.reason.startswith("not built") for p in plans)
+    assert sum(p.card.reason == NOT_BUILT for p in plans) == len(plans) - 1
