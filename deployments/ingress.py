@@ -66,6 +66,12 @@ RETRYABLE = (RayActorError, DeploymentUnavailableError)
 """A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
 RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
 RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
+OUTAGE_WINDOW_S = 30.0
+"""For this long after the ingress saw a replica lost, a full queue (BackPressureError) is the
+outage's doing, not the client's: the call waits and tries again (every OUTAGE_RETRY_S, within
+its deadline) until the replacement replica takes load. Outside the window a full queue is
+plain overload and the client gets its 503 at once."""
+OUTAGE_RETRY_S = 0.25
 CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
 """Comma-separated origins allowed to call the API from a browser; unset = CORS off."""
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -90,6 +96,7 @@ class Ingress:
         settings: dict[str, Any],
     ):
         self.models = models
+        self._lost_at = -math.inf  # monotonic time a replica was last seen lost
         self.settings = IngressSettings.model_validate(settings)
         self.cards = [ModelCard.model_validate(c) for c in catalogue["cards"]]
         self.profile: str = catalogue["profile"]
@@ -134,7 +141,9 @@ class Ingress:
         A replica that dies under a request (killed, crashed, OOM) loses it, and Serve does not
         resend it (REFERENCE.md): generation has no side effects, so the call is retried on
         another replica, at most RETRY_ATTEMPTS times in all and never past the deadline.
-        Overload (BackPressureError) is not retried: the client gets its 503 at once.
+        Overload (BackPressureError) is not retried (the client gets its 503 at once), except
+        within OUTAGE_WINDOW_S of a lost replica, when the surviving replicas' queues fill only
+        because one replica is gone.
         """
         attempt = 0
         while True:
@@ -158,7 +167,16 @@ class Ingress:
 
     async def _retry(self, exc: Exception, attempt: int, deadline: float) -> bool:
         """Whether a failed call may go again (after a short backoff that fits the deadline)."""
-        if not isinstance(exc, RETRYABLE) or attempt >= RETRY_ATTEMPTS:
+        now = time.monotonic()
+        if isinstance(exc, BackPressureError) and now - self._lost_at < OUTAGE_WINDOW_S:
+            if now + OUTAGE_RETRY_S >= deadline:
+                return False
+            await asyncio.sleep(OUTAGE_RETRY_S)  # a replacement replica is on its way
+            return True
+        if not isinstance(exc, RETRYABLE):
+            return False
+        self._lost_at = now
+        if attempt >= RETRY_ATTEMPTS:
             return False
         pause = RETRY_BACKOFF_S * 2 ** (attempt - 1)
         if time.monotonic() + pause >= deadline:

@@ -93,3 +93,31 @@ def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_u
     error = json.loads(frames[-2])["error"]
     assert error["code"] == 503 and "lost" in error["message"], error
     assert len(frames) < 4000  # ended early, not by finishing the generation
+
+
+def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
+    """Plain overload: 503 at once. Within OUTAGE_WINDOW_S of a lost replica: wait, try again."""
+    import asyncio
+    import time
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    import deployments.ingress as ingress
+
+    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
+    gate = object.__new__(ingress.Ingress.func_or_class)  # no Serve: only the retry policy
+    gate._lost_at = float("-inf")
+    full = BackPressureError(num_queued_requests=9, max_queued_requests=8)
+    far = time.monotonic() + 60
+
+    async def retry(exc: Exception, attempt: int = 1, deadline: float = far) -> bool:
+        return await gate._retry(exc, attempt, deadline)
+
+    assert asyncio.run(retry(full)) is False  # overload alone: the client gets its 503
+    assert asyncio.run(retry(ActorDiedError())) is True  # a lost replica: resend...
+    assert asyncio.run(retry(ActorDiedError(), attempt=ingress.RETRY_ATTEMPTS)) is False
+    assert asyncio.run(retry(full, attempt=50)) is True  # ...and its queue filling is waited out
+    assert asyncio.run(retry(full, deadline=time.monotonic())) is False  # never past the deadline
+    gate._lost_at -= ingress.OUTAGE_WINDOW_S
+    assert asyncio.run(retry(full)) is False  # the window is over: overload again
