@@ -102,7 +102,10 @@ def ingress_url(request, tmp_path_factory) -> Iterator[str]:
         config, artifacts = str(profile), str(base / "store")
     port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=60))
-    args = {"config": config, "artifacts_dir": artifacts, "defaults": {"num_cpus": 0.15}}
+    # One SSE frame per token (serve_config.yaml merges 20 ms): the chat test watches the
+    # reply grow, and a 0.8 s reply in a few frames can reach the page as one or two renders.
+    defaults = {"num_cpus": 0.15, "stream_min_interval_ms": 0}
+    args = {"config": config, "artifacts_dir": artifacts, "defaults": defaults}
     serve.run(build_app(args), name="dashboard-e2e", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
