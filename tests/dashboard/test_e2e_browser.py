@@ -230,11 +230,20 @@ def test_chat_streams_a_reply(page, dashboard_url, shots):
     reply = messages.nth(1).get_by_test_id("stText").inner_text()
     assert reply.strip(), "the reply is empty"
     text = caption.inner_text()
-    assert re.search(r"TTFT \d+ ms|TTFT \d+\.\d+ s", text), text
-    assert re.search(r"\d+ tokens\b", text), text
+    ttft = re.search(r"TTFT (\d+) ms|TTFT (\d+\.\d+) s", text)
+    rate = re.search(r"([\d.,]+) tokens/s · ([\d,]+) tokens\b", text)
+    assert ttft and rate, text
+    # The dashboard read a stream: its first text came long before the whole reply could have
+    # (TTFT is stamped by the dashboard's client at the first SSE frame with text).
+    ttft_s = int(ttft[1]) / 1e3 if ttft[1] else float(ttft[2])
+    total_s = int(rate[2].replace(",", "")) / float(rate[1].replace(",", ""))
+    assert ttft_s < 0.5 * total_s, text
+    # And the page showed the reply before it was finished. How many partial states the page
+    # shows depends on how fast the browser renders (on a busy 2-core machine Streamlit can
+    # deliver a 0.8 s reply in one or two renders), so at least one before the caption.
     seen = page.evaluate("[...window.__seen]")
     growing = {s for s in seen if s and "tokens/s" not in s}  # text before the final caption
-    assert len(growing) >= 3, f"the reply did not stream in (texts seen: {seen})"
+    assert growing, f"the reply never showed before it finished (texts seen: {seen})"
     assert not page.get_by_test_id("stException").count()
     snapshot(page, shots / "chat.png")
 
