@@ -9,7 +9,7 @@ live batch settings (`reconfigure`) and per-variant metrics. Client faults come 
 
 Streamed tokens are coalesced under load. Every event a replica yields crosses two Ray hops
 (replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
-not per token: measured on the tiny profile (2 cores, 16 streams; bench/RESULTS.md) about 2 ms
+not per token: measured on the tiny profile (2 cores, 16 streams; reports/bench_serving.md) about 2 ms
 of CPU per event across the hops against ~0.6 ms per token for the replica's model step, so one
 event per token spends most of a 2-core machine on moving events. With R requests running and
 `STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every ceil(R / F)
@@ -23,7 +23,7 @@ Light load gets a time rule instead: after the first delta, a request's deltas g
 `STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell). With one
 stream on the tiny student a token takes ~2.5 ms, so one frame per token spent ~1.5 ms of hop
 CPU per token and made a streamed request ~60 % slower end to end than a non-streamed one
-(bench/RESULTS.md); 20 ms frames carry ~8 tokens each. The first delta and the last still go at
+(reports/bench_serving.md); 20 ms frames carry ~7 tokens each. The first delta and the last still go at
 once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns it off).
 """
 
@@ -376,8 +376,11 @@ async def _coalesce(
         event["token_ids"] += chunk.token_ids
         event["finish_reason"] = chunk.finish_reason
         counts[index] = counts.get(index, 0) + 1
-        early = counts[index] < every() or clock() - last < min_interval_s
-        if sent and chunk.finish_reason is None and early:
+        if (
+            sent
+            and chunk.finish_reason is None
+            and (counts[index] < every() or clock() - last < min_interval_s)
+        ):
             continue
         for i in sorted(pending):
             ready = pending[i]

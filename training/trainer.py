@@ -76,12 +76,13 @@ def plan_workers(training: TrainingDefaults, workers: int | None = None) -> Work
         return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=fixed, threads=fixed)
     total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     free = float(ray.available_resources().get("CPU", 0.0))
-    threads = max(1, total // n)
     share = min(total, free) / n
     if share >= 1:
         cpus: float = int(share)
+        threads = int(share)
     elif share >= 0.05:
         cpus = math.floor(share * 100) / 100
+        threads = max(1, total // n)
     else:
         raise RuntimeError(
             f"Ray has {free:.2f} of {total} CPUs free for {n} training worker(s): something else "
