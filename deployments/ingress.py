@@ -353,7 +353,13 @@ def create_app(ing: Ingress) -> FastAPI:
         version="0.1.0",
     )
     install(app)
-    app.add_middleware(Guard, api_key=ing.api_key, max_body_bytes=ing.settings.max_body_bytes)
+    app.add_middleware(
+        Guard,
+        api_key=ing.api_key,
+        max_body_bytes=ing.settings.max_body_bytes,
+        body_timeout_s=ing.settings.body_timeout_s,
+        max_pending_bodies=ing.settings.max_pending_bodies,
+    )
     if ing.cors_origins:  # outermost, so a browser's preflight (no API key) is answered here
         app.add_middleware(
             CORSMiddleware,

@@ -115,6 +115,12 @@ class IngressSettings(Strict):
         240.0, gt=0, le=3600, description="-> 408; keep below http_options.request_timeout_s"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="larger -> 413")
+    body_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="the whole body must arrive within this -> else 408"
+    )
+    max_pending_bodies: int = Field(
+        128, ge=1, le=1000, description="requests sending their body at once; oldest -> 408"
+    )
     api_key_env: str = Field(
         "SLIMSERVE_API_KEY", min_length=1, description="env var holding the bearer key, if set"
     )

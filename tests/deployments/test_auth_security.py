@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 
 import deployments.middleware as middleware
 from deployments.ingress import cors_origins, create_app
+from deployments.settings import IngressSettings
 from slimserve.protocol import ModelList
 
 KEY = "sk-unit-3f9a"
@@ -26,7 +27,7 @@ ORIGIN = "https://dashboard.example"
 def app_for(api_key: str | None = KEY, origins: list[str] | None = None, cap: int = 4096):
     ing = SimpleNamespace(
         api_key=api_key,
-        settings=SimpleNamespace(max_body_bytes=cap),
+        settings=IngressSettings(max_body_bytes=cap),
         cors_origins=origins or [],
         profile="unit",
         models={},
