@@ -1,6 +1,6 @@
 """`slimserve` command line: a thin layer over typed functions (one verb each).
 
-    slimserve build    --config configs/tiny.yaml [--only V] [--force] [--dry-run]
+    slimserve build    --config configs/tiny.yaml [--only V] [--force] [--dry-run] [--report-dir reports]
     slimserve eval     --config configs/tiny.yaml [--variant V]
     slimserve data     --config configs/tiny.yaml
     slimserve generate --config configs/tiny.yaml --variant student "prompt"
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -30,12 +31,26 @@ def _profile(path: str, artifacts: str | None):
 
 def cmd_build(args: argparse.Namespace) -> int:
     from slimserve.runner import build, table
+    from slimserve.training_report import TRAINING_STEPS, training_report
 
     profile = _profile(args.config, args.artifacts)
+    start = time.time()
     rows = build(profile, only=args.only, force=args.force, dry_run=args.dry_run)
     if args.dry_run:
         return cmd_data(args) if args.corpus_stats else 0
     print(table(rows))
+    trained = any(r.status == "built" and r.step in TRAINING_STEPS for r in rows)
+    if args.report_dir and trained:
+        from slimserve.artifacts import ArtifactStore
+        from slimserve.reports import write_report
+
+        store = ArtifactStore(profile.artifacts_root(), profile.name)
+        report = training_report(profile, store, build_seconds=time.time() - start)
+        if report is not None:
+            paths = write_report(report, args.report_dir, png=False)
+            print("training report: " + ", ".join(str(p) for p in paths))
+            for note in report.notes:
+                print(f"  {note}")
     return 0
 
 
@@ -194,6 +209,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--corpus-stats",
         action="store_true",
         help="with --dry-run: also prepare the corpus and print its size and hash",
+    )
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="after a build that trained a variant, write <dir>/training.{json,md} "
+        "(tokens, time, perplexity vs unigram and teacher, greedy samples); off by default",
     )
     p.set_defaults(func=cmd_build)
 

@@ -241,7 +241,10 @@ def build(
             Row(it.variant, profile.variants[it.variant].step, f"{it.action}: {it.reason}")
             for it in items
         ]
-    data = prepare(profile, log) if any(it.action == "build" for it in items) else None
+    to_build = [it.variant for it in items if it.action == "build"]
+    if to_build:
+        _log_estimate(profile, to_build, log)
+    data = prepare(profile, log) if to_build else None
     for it in items:
         step = profile.variants[it.variant].step
         if it.action == "skip":
@@ -256,6 +259,24 @@ def build(
         m = run_variant(profile, store, it.variant, data, log)
         rows.append(Row(it.variant, step, "built", m, m.build_seconds))
     return rows
+
+
+def _log_estimate(profile: Profile, names: list[str], log: Log) -> None:
+    """One line: the expected build time here, from a two-second training measurement."""
+    from slimserve.estimate import REFERENCE_FLOPS, estimate_seconds, measure_flops
+
+    quick = estimate_seconds(profile, names, REFERENCE_FLOPS)
+    if quick is not None and quick < 60:
+        return  # a small build: not worth the measurement
+    flops = measure_flops()
+    seconds = estimate_seconds(profile, names, flops)
+    speed = (
+        f"training at {flops / 1e9:.0f} GFLOP/s here, {flops / REFERENCE_FLOPS:.2f}x the reference"
+    )
+    if seconds is None:
+        log(f"expected build time: unknown (a model's shape is not known before it loads); {speed}")
+    else:
+        log(f"expected build time: about {seconds / 60:.0f} min ({speed})")
 
 
 def _fmt(x: float | int | None, spec: str) -> str:

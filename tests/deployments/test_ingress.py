@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import httpx
 import pytest
@@ -225,7 +226,6 @@ def test_per_variant_metrics_on_rays_prometheus_endpoint(serve_urls):
     from serve_helpers import wait_until
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    post(serve_urls.main, "/v1/completions", {"model": "student-b", "prompt": PROMPT})
     wanted = [
         "ray_slimserve_time_to_first_token_seconds_bucket",
         "ray_slimserve_time_per_output_token_seconds_bucket",
@@ -238,17 +238,46 @@ def test_per_variant_metrics_on_rays_prometheus_endpoint(serve_urls):
         "ray_serve_num_http_requests_total",  # Serve's own, beside ours
     ]
 
-    def scraped() -> dict[str, float] | None:
+    def scrape() -> dict[str, float]:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         found: dict[str, float] = {}
         for line in text.splitlines():
             name = line.split("{", 1)[0]
             if name in wanted and ('model="student-b"' in line or name.startswith("ray_serve")):
                 found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        if set(found) != set(wanted) or found["ray_slimserve_num_requests_running"] != 0:
-            return None  # not exported yet, or an export from while a request ran
         return found
 
-    found = wait_until(scraped, timeout=60, interval=1.0, what="metrics, and running back at 0")
-    assert found["ray_slimserve_generation_tokens_total"] >= 16
+    # Counters are cumulative over the session and Ray exports them every 10 s (its default
+    # report interval): settle on what earlier tests left (unchanged for longer than one
+    # export), then wait for the exported values to include this request's tokens.
+    finished_key = "ray_slimserve_requests_finished_total"
+
+    state: dict[str, float | None] = {"value": None, "since": 0.0}
+
+    def settled() -> dict[str, float] | None:
+        found = scrape()
+        value = found.get(finished_key, 0.0)
+        if value != state["value"]:
+            state["value"], state["since"] = value, time.monotonic()
+        return found if time.monotonic() - state["since"] >= 12.0 else None
+
+    before = wait_until(settled, timeout=60, interval=1.0, what="earlier requests exported")
+    r = post(serve_urls.main, "/v1/completions", {"model": "student-b", "prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    generated = r.json()["usage"]["completion_tokens"]
+    tokens_key = "ray_slimserve_generation_tokens_total"
+
+    def scraped() -> dict[str, float] | None:
+        found = scrape()
+        if set(found) != set(wanted) or found["ray_slimserve_num_requests_running"] != 0:
+            return None  # not exported yet, or an export from while a request ran
+        if found[tokens_key] < before.get(tokens_key, 0.0) + generated:
+            return None  # an export from before this request finished
+        if found[finished_key] < before.get(finished_key, 0.0) + 1:
+            return None
+        return found
+
+    found = wait_until(scraped, timeout=60, interval=1.0, what="this request's metrics exported")
+    assert generated >= 16
+    assert found[tokens_key] >= generated
     assert found["ray_slimserve_num_requests_waiting"] == 0
