@@ -246,6 +246,9 @@ def training_details(outcome: JobOutcome, plan: WorkerPlan) -> dict[str, Any]:
     return {
         **{k: m.get(k) for k in keys},
         "resumed_from_step": m.get("resumed_from_step"),
+        # Runs stop at their token budget (never on a clock), so two machines train the same
+        # tokens and their figures compare; a run that ends any other way raises instead.
+        "stop_reason": "token budget" if m.get("final") else "interrupted",
         "workers": plan.workers,
         "device": plan.device,
         "cpus_per_worker": plan.cpus_per_worker,
