@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -63,6 +64,20 @@ class _Lockstep:
     max_diff: float = 0.0
     mismatches: int = 0
     first_mismatch: str | None = None
+    nonfinite: str | None = None  # where NaN / inf logits first appeared
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, NaN when either side holds a non-finite value (NaN - NaN, inf - inf)."""
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(both.all()):
+        return math.nan
+    return float((a - b).abs().max())
+
+
+def _worse(a: float, b: float) -> float:
+    """The larger difference; NaN wins (`max(x, nan)` keeps x, which would hide a NaN)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _lockstep(
@@ -75,7 +90,10 @@ def _lockstep(
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(steps):
         r, c = ref_logits.float().cpu(), cand_logits.float().cpu()
-        out.max_diff = max(out.max_diff, float((r - c).abs().max()))
+        out.max_diff = _worse(out.max_diff, _max_diff(r, c))
+        if out.nonfinite is None and not (torch.isfinite(r).all() and torch.isfinite(c).all()):
+            which = "candidate" if torch.isfinite(r).all() else "reference"
+            out.nonfinite = f"{label}: step {step}: {which} logits are not finite (NaN/inf)"
         r_tok, c_tok = r.argmax(-1), c.argmax(-1)  # (B,)
         wrong = (r_tok != c_tok).nonzero().flatten().tolist()
         if wrong:
@@ -115,30 +133,35 @@ def check_parity(
         "prompts": len(prompts),
     }
     diffs = []
+    nonfinite: list[str] = []
     if blocks is not None:
-        score_diff = float(
-            (ref.score(blocks).float().cpu() - cand.score(blocks).float().cpu()).abs().max()
-        )
+        score_diff = _max_diff(ref.score(blocks).float().cpu(), cand.score(blocks).float().cpu())
         record["score_max_abs_diff"] = score_diff
         diffs.append(score_diff)
+        if math.isnan(score_diff):
+            nonfinite.append("full-sequence scoring: logits are not finite (NaN/inf)")
     problems = []
     for i, prompt in enumerate(prompts):
         lock, _ = _lockstep(ref, cand, [prompt], steps, f"batch 1, prompt {i}")
         diffs.append(lock.max_diff)
+        nonfinite += [lock.nonfinite] if lock.nonfinite else []
         if lock.mismatches:
             problems.append(lock.first_mismatch)
     record["batch1_identical"] = not problems
     lock, tokens = _lockstep(ref, cand, prompts, steps, f"padded batch of {len(prompts)}")
     diffs.append(lock.max_diff)
+    nonfinite += [lock.nonfinite] if lock.nonfinite else []
     record["padded_batch_identical"] = lock.mismatches == 0
     if lock.mismatches:
         problems.append(lock.first_mismatch)
-    record["max_abs_logit_diff"] = max(diffs)
+    record["max_abs_logit_diff"] = functools.reduce(_worse, diffs, 0.0)
+    record["finite"] = not nonfinite
     record["greedy_tokens"] = [t[:8] for t in tokens]  # a glimpse for the manifest
     if not require_identical:
         record["greedy_mismatches"] = problems
         problems = []
-    if record["max_abs_logit_diff"] > tolerance:
+    problems = nonfinite + problems  # non-finite logits fail even when greedy agrees
+    if not record["max_abs_logit_diff"] <= tolerance:  # NaN compares false: it fails too
         problems.insert(
             0, f"max |logit diff| {record['max_abs_logit_diff']:.3g} > tolerance {tolerance:.3g}"
         )

@@ -200,6 +200,10 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if plan.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TensorRT enables TF32 (10-bit mantissa) matmuls by default on Ampere and newer:
+        # an "fp32" engine would then miss fp32 parity (1e-3) on its first real GPU.
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)

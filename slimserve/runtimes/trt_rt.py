@@ -10,10 +10,22 @@ Execution uses the name-based API of TensorRT 10/11: iterate `num_io_tensors` /
 `get_tensor_name` / `get_tensor_mode`, `set_input_shape` for every input, read each output's
 shape back from the context, `set_tensor_address` for every tensor, `execute_async_v3(stream)`.
 
-Buffers: by default torch CUDA tensors on torch's current stream (`TorchBuffers`): the state
-stays on the GPU, the engine shares torch's CUDA context, and stream order replaces syncs.
+Buffers: by default torch CUDA tensors (`TorchBuffers`): the state stays on the GPU and the
+engine shares torch's CUDA context. The engine runs on a stream of its own (TensorRT on the
+default stream adds a device-wide sync per `enqueueV3`), ordered after torch's current stream
+before each run and before it again after, so stream order replaces host syncs.
 `backend="pycuda"` (or $SLIMSERVE_TRT_BACKEND=pycuda, extra `[pycuda]`) allocates device
-memory with PyCUDA and keeps the state on the host, for a torch build without CUDA.
+memory with PyCUDA and keeps the state on the host, for a torch build without CUDA; it pushes
+the device's primary context on whichever thread runs the engine (a context made current by
+`pycuda.autoinit` is current on the loading thread only).
+
+Limits come from the engine's optimization profile, not only from `n_positions`: the context
+length is min(n_positions, past.max) (prompt + generated tokens, the padding column included
+in the past), prompts longer than sequence.max are prefilled in chunks (each chunk's present
+is the next one's past), and batches wider than batch.max run in row groups, so no request
+the runtime admits can make a whole running batch fail. One execution context serves every
+thread: runs are serialized by a lock (the engine's decode loop and `/compare` scoring on a
+worker thread would otherwise overwrite each other's shapes and addresses).
 `tensorrt` (and pycuda) are imported only inside `load`.
 """
 
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,17 +65,22 @@ class Buffers(Protocol):
     def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> int: ...
     def stream(self) -> int: ...
     def finish(self) -> list[torch.Tensor]: ...
+    def reset(self) -> None: ...
 
 
 class TorchBuffers:
-    """Buffers are torch tensors on `device`; the stream is torch's current one."""
+    """Buffers are torch tensors on `device`; on CUDA the engine runs on a stream of its own."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._keep: list[torch.Tensor] = []
         self._outs: list[torch.Tensor] = []
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def begin(self) -> None:
+        self._keep, self._outs = [], []
+
+    def reset(self) -> None:
         self._keep, self._outs = [], []
 
     def input(self, tensor: torch.Tensor, dtype: torch.dtype) -> int:
@@ -76,29 +94,51 @@ class TorchBuffers:
         return t.data_ptr()
 
     def stream(self) -> int:
-        if self.device.type != "cuda":
+        """The engine's stream, after the work that wrote this run's inputs (torch's stream)."""
+        if self._stream is None:
             return 0
-        return torch.cuda.current_stream(self.device).cuda_stream
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._stream.cuda_stream
 
     def finish(self) -> list[torch.Tensor]:
+        if self._stream is not None:  # whoever reads the outputs waits for the engine
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
         outs, self._keep, self._outs = self._outs, [], []
         return outs
 
 
 class PyCudaBuffers:
-    """Device memory from PyCUDA (reused per slot), host torch tensors in and out."""
+    """Device memory from PyCUDA (reused per slot), host torch tensors in and out.
 
-    def __init__(self) -> None:
-        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+    The device's primary context (the one torch's runtime uses too) is pushed by `begin` and
+    popped by `reset` on the thread that runs the engine, whichever thread that is.
+    """
+
+    def __init__(self, index: int = 0) -> None:
         import pycuda.driver as cuda
 
+        cuda.init()
         self.cuda = cuda
         self.device = torch.device("cpu")
-        self._stream = cuda.Stream()
+        self._context = cuda.Device(index).retain_primary_context()
+        self._pushed = False
+        self._context.push()
+        try:
+            self._stream = cuda.Stream()  # non-default: no extra syncs per enqueue
+        finally:
+            self._context.pop()
         self._slots: dict[int, tuple[Any, int]] = {}  # slot → (DeviceAllocation, bytes)
-        self.begin()
+        self._next, self._hold, self._outs = 0, [], []
 
     def begin(self) -> None:
+        self.reset()
+        self._context.push()
+        self._pushed = True
+
+    def reset(self) -> None:
+        if self._pushed:
+            self._context.pop()
+            self._pushed = False
         self._next, self._hold, self._outs = 0, [], []
 
     def _slot(self, nbytes: int) -> Any:
@@ -129,9 +169,7 @@ class PyCudaBuffers:
         for host, dev in self._outs:
             self.cuda.memcpy_dtoh_async(host.numpy(), dev, self._stream)
         self._stream.synchronize()
-        outs = [host for host, _ in self._outs]
-        self.begin()
-        return outs
+        return [host for host, _ in self._outs]
 
 
 class TrtRuntime:
@@ -141,6 +179,7 @@ class TrtRuntime:
         self.engine, self.buffers, self.info, self.limits = engine, buffers, info, limits
         self.device = buffers.device
         self.context = engine.create_execution_context()
+        self._lock = threading.Lock()  # one context and one set of buffers: one run at a time
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -169,17 +208,54 @@ class TrtRuntime:
         for i in range(self.info.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        self.buffers.begin()
-        for name in self.inputs:
-            tensor = feeds[name]
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, self.buffers.input(tensor, self.dtypes[name]))
-        for name in self.outputs:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
-            self.context.set_tensor_address(name, self.buffers.output(shape, self.dtypes[name]))
-        if not self.context.execute_async_v3(self.buffers.stream()):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        return dict(zip(self.outputs, self.buffers.finish(), strict=True))
+        with self._lock:
+            self.buffers.begin()
+            try:
+                for name in self.inputs:
+                    tensor = feeds[name]
+                    self.context.set_input_shape(name, tuple(tensor.shape))
+                    ptr = self.buffers.input(tensor, self.dtypes[name])
+                    self.context.set_tensor_address(name, ptr)
+                for name in self.outputs:
+                    shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+                    ptr = self.buffers.output(shape, self.dtypes[name])
+                    self.context.set_tensor_address(name, ptr)
+                if not self.context.execute_async_v3(self.buffers.stream()):
+                    raise RuntimeError("TensorRT execute_async_v3 failed")
+                return dict(zip(self.outputs, self.buffers.finish(), strict=True))
+            finally:
+                self.buffers.reset()
+
+    def _run(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`_execute` within the profile: rows in groups of at most batch.max, tokens in chunks
+        of at most sequence.max (each chunk's present is the next chunk's past)."""
+        rows = int(self.limits["batch"]["max"])
+        if ids.shape[0] > rows:
+            parts = [
+                self._run(
+                    ids[i : i + rows],
+                    mask[i : i + rows],
+                    pos[i : i + rows],
+                    [p[i : i + rows] for p in past],
+                )
+                for i in range(0, ids.shape[0], rows)
+            ]  # every group has the same past length: outputs concatenate along the batch
+            return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        step, length, p0 = int(self.limits["sequence"]["max"]), ids.shape[1], past[0].shape[2]
+        logits, out = [], {}
+        for start in range(0, length, step):
+            end = min(length, start + step)
+            out = self._execute(ids[:, start:end], mask[:, : p0 + end], pos[:, start:end], past)
+            logits.append(out["logits"])
+            past = [
+                out[f"present.{i}.{kv}"]
+                for i in range(self.info.num_layers)
+                for kv in ("key", "value")
+            ]
+        out["logits"] = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+        return out
 
     def _state(self, out: dict[str, torch.Tensor], mask: torch.Tensor, positions: torch.Tensor):
         n = self.info.num_layers
@@ -204,7 +280,7 @@ class TrtRuntime:
         batch = ids.shape[0]
         zero = torch.zeros((batch, 1), dtype=mask.dtype, device=self.device)
         full = torch.cat([zero, mask], dim=1)  # (B, 1 + T): the padding column first
-        out = self._execute(ids, full, position_ids_from_mask(mask), self._pad_column(batch))
+        out = self._run(ids, full, position_ids_from_mask(mask), self._pad_column(batch))
         return out["logits"][:, -1].float(), self._state(out, full, mask.sum(dim=1))
 
     @torch.inference_mode()
@@ -218,7 +294,7 @@ class TrtRuntime:
         past = []
         for k, v in zip(state.keys, state.values, strict=True):
             past += [k, v]
-        out = self._execute(ids, mask, state.positions.view(batch, 1), past)
+        out = self._run(ids, mask, state.positions.view(batch, 1), past)
         return out["logits"][:, -1].float(), self._state(out, mask, state.positions + 1)
 
     @torch.inference_mode()
@@ -230,7 +306,7 @@ class TrtRuntime:
         mask = torch.ones((batch, 1 + length), dtype=torch.long, device=self.device)
         mask[:, 0] = 0
         pos = torch.arange(length, device=self.device).expand(batch, length)
-        return self._execute(ids, mask, pos, self._pad_column(batch))["logits"].float()
+        return self._run(ids, mask, pos, self._pad_column(batch))["logits"].float()
 
 
 def _model_config(folder: Path) -> dict[str, int]:
@@ -238,10 +314,18 @@ def _model_config(folder: Path) -> dict[str, int]:
     return {k: int(cfg[k]) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
 
 
+def profile_context(n_positions: int, limits: dict) -> int:
+    """Prompt + generated tokens the engine can hold: the model's context, capped by the
+    profile's past axis (the last decode step feeds a past of 1 padding column + all tokens
+    but the newest one)."""
+    return min(int(n_positions), int(limits["past"]["max"]))
+
+
 def make_buffers(backend: str, device: str | None) -> Buffers:
     """Buffers for `backend`: "torch" (torch CUDA tensors) or "pycuda" (host state)."""
     if backend == "pycuda":
-        return PyCudaBuffers()
+        index = torch.device(device).index if device else None
+        return PyCudaBuffers(index or 0)
     if backend != "torch":
         raise ValueError(f"TensorRT buffer backend must be 'torch' or 'pycuda', got {backend!r}")
     if not torch.cuda.is_available():
@@ -287,9 +371,10 @@ def load(
             f"{meta.get('tensorrt_version')} on {meta.get('gpu')}; this is TensorRT "
             f"{trt.__version__}): rebuild it with build-trt on this machine"
         )
+    limits = meta["limits"]
     info = RuntimeInfo(
         runtime="tensorrt",
-        context_length=cfg["n_positions"],
+        context_length=profile_context(cfg["n_positions"], limits),
         vocab_size=cfg["vocab_size"],
         device=str(buffers.device) if buffers.device.type == "cuda" else "cuda (pycuda)",
         dtype="float16" if meta.get("precision") == "fp16" else "float32",
@@ -297,6 +382,10 @@ def load(
         num_heads=cfg["n_head"],
         head_dim=cfg["n_embd"] // cfg["n_head"],
         threads=1,
-        extra={"tensorrt": trt.__version__, "backend": type(buffers).__name__},
+        extra={
+            "tensorrt": trt.__version__,
+            "backend": type(buffers).__name__,
+            "profile": ", ".join(f"{k} <= {v['max']}" for k, v in limits.items()),
+        },
     )
-    return TrtRuntime(engine, buffers, info, meta["limits"], trt)
+    return TrtRuntime(engine, buffers, info, limits, trt)

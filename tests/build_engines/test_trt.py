@@ -289,9 +289,12 @@ def test_fake_engine_state_survives_merge_and_select(fake_trt, models):
 
 def test_profile_limits_are_checked_before_the_engine(fake_trt):
     runs = fake_trt.context.runs
+    ids, mask = torch.ones((9, 1), dtype=torch.long), torch.ones((9, 2), dtype=torch.long)
     with pytest.raises(ValueError, match=r"batch 9 is outside the engine's profile \[1, 8\]"):
-        fake_trt.prefill([[1]] * 9)
+        fake_trt._execute(ids, mask, ids, fake_trt._pad_column(9))
     assert fake_trt.context.runs == runs
+    fake_trt.prefill([[1]] * 9)  # the runtime runs a wider batch in row groups instead
+    assert fake_trt.context.runs == runs + 2
 
 
 def test_torch_buffers_bookkeeping():
