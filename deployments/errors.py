@@ -9,12 +9,15 @@ shape whatever went wrong.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.messages import error
@@ -138,3 +141,53 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(error(500, f"internal error: {type(exc).__name__}"))
+
+
+# -- Serve's failures of a replica call, as HTTP errors -------------------------------------
+
+RETRYABLE = (RayActorError, DeploymentUnavailableError)
+"""A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
+
+
+class ReplicaOverloaded(Exception):
+    """The replica's own engine queue was full (its 503 error reply), as an exception so the
+    retry policy treats it like Serve's BackPressureError."""
+
+    def __init__(self, data: dict[str, Any]):
+        super().__init__(data["message"])
+        self.data = data
+
+
+OVERLOADED = (BackPressureError, ReplicaOverloaded)
+
+
+def replica_error(data: dict[str, Any]) -> Exception:
+    """A replica's error reply: 503 (its queue is full) may be retried, the rest is final."""
+    return ReplicaOverloaded(data) if data["status"] == 503 else ApiError.from_data(data)
+
+
+def stream_error(exc: Exception) -> dict[str, Any]:
+    """The error event of a stream that broke after its first frame (then `[DONE]` follows).
+
+    A lost replica is a 503 (retry the request); anything else is a 500.
+    """
+    if isinstance(exc, RETRYABLE):
+        msg = f"the replica serving this stream was lost ({type(exc).__name__}); retry the request"
+        return envelope(error(503, msg))
+    return envelope(error(500, f"generation failed: {type(exc).__name__}"))
+
+
+def unavailable(exc: Exception) -> Exception:
+    """Serve's overload / failure exceptions as 503s; anything else stays a 500."""
+    if isinstance(exc, ReplicaOverloaded):
+        return ApiError.from_data(exc.data)
+    if isinstance(exc, BackPressureError):
+        retry = max(1, math.ceil(exc.retry_after_s or 1))
+        return ApiError(
+            503,
+            f"server overloaded: {exc.message} Retry later.",
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, DeploymentUnavailableError | RayActorError):
+        return ApiError(503, f"model unavailable ({type(exc).__name__}); retry later")
+    return exc

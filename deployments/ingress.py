@@ -9,15 +9,16 @@ Failure mapping (all in the envelope of deployments.errors): a replica's client-
 `Retry-After`; past `request_timeout_s` -> 408 (the replica's work is cancelled); a client
 that disconnects cancels its replica call, which frees the engine's batch slot at the next step.
 
-Replica loss (issue 10): a non-streamed call, or a stream before its first event, whose replica
-dies is sent again (RETRY_ATTEMPTS in all, within the request's deadline); a stream that loses
-its replica later ends with a 503 error event and `[DONE]`. CORS is off unless
+Replica loss: a non-streamed call, or a stream before its first SSE frame, whose replica dies
+is sent again (RETRY_ATTEMPTS in all, within the request's deadline); a stream that loses its
+replica later ends with a 503 error event and `[DONE]`. CORS is off unless
 SLIMSERVE_CORS_ORIGINS lists origins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -30,13 +31,19 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from deployments import compare
-from deployments.errors import ApiError, envelope, install
-from deployments.messages import error, job, sampling
+from deployments.errors import (
+    OVERLOADED,
+    RETRYABLE,
+    ApiError,
+    install,
+    replica_error,
+    stream_error,
+    unavailable,
+)
+from deployments.messages import job, sampling
 from deployments.middleware import Guard
 from deployments.settings import INGRESS_NAME, IngressSettings
 from deployments.sse import DONE, ChunkFormatter, Kind, frame
@@ -62,15 +69,15 @@ from slimserve.protocol import (
 )
 
 log = logging.getLogger("ray.serve")
-RETRYABLE = (RayActorError, DeploymentUnavailableError)
-"""A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
+Event = dict[str, Any]  # one event of a replica's stream (deployments.model)
 RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
 RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
 OUTAGE_WINDOW_S = 30.0
-"""For this long after the ingress saw a replica lost, a full queue (BackPressureError) is the
-outage's doing, not the client's: the call waits and tries again (every OUTAGE_RETRY_S, within
-its deadline) until the replacement replica takes load. Outside the window a full queue is
-plain overload and the client gets its 503 at once."""
+"""For this long after the ingress saw a replica lost, a full queue (Serve's BackPressureError,
+or the replica's own engine queue answering 503) is the outage's doing, not the client's: the
+call waits and tries again (every OUTAGE_RETRY_S, within its deadline) until the replacement
+replica takes load. Outside the window a full queue is plain overload and the client gets its
+503 at once."""
 OUTAGE_RETRY_S = 0.25
 CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
 """Comma-separated origins allowed to call the API from a browser; unset = CORS off."""
@@ -139,36 +146,37 @@ class Ingress:
         """Await one non-streamed replica call; map Serve's failures to HTTP errors.
 
         A replica that dies under a request (killed, crashed, OOM) loses it, and Serve does not
-        resend it (REFERENCE.md): generation has no side effects, so the call is retried on
-        another replica, at most RETRY_ATTEMPTS times in all and never past the deadline.
-        Overload (BackPressureError) is not retried (the client gets its 503 at once), except
+        resend it: generation has no side effects, so the call is retried on another replica,
+        until RETRY_ATTEMPTS tries have met a dead replica, and never past the deadline.
+        Overload (a full queue) is not retried (the client gets its 503 at once), except
         within OUTAGE_WINDOW_S of a lost replica, when the surviving replicas' queues fill only
         because one replica is gone.
         """
-        attempt = 0
+        lost = 0  # tries that met a dead replica
         while True:
-            attempt += 1
             response = make()
             try:
                 result = await asyncio.wait_for(_wait(response), self._left(deadline))
+                if isinstance(result, dict) and "error" in result:
+                    raise replica_error(result["error"])
             except TimeoutError:
-                response.cancel()
+                _cancel(response)
                 raise self._timeout() from None
             except asyncio.CancelledError:  # the client disconnected: stop the replica's work
-                response.cancel()
+                _cancel(response)
                 raise
             except Exception as exc:
-                if not await self._retry(exc, attempt, deadline):
-                    raise _unavailable(exc) from exc
+                lost += isinstance(exc, RETRYABLE)
+                if not await self._retry(exc, lost, deadline):
+                    raise unavailable(exc) from exc
                 continue
-            if isinstance(result, dict) and "error" in result:
-                raise ApiError.from_data(result["error"])
             return result
 
     async def _retry(self, exc: Exception, attempt: int, deadline: float) -> bool:
-        """Whether a failed call may go again (after a short backoff that fits the deadline)."""
+        """Whether a failed call may go again (after a short backoff that fits the deadline);
+        `attempt` counts the tries that met a dead replica, this one included."""
         now = time.monotonic()
-        if isinstance(exc, BackPressureError) and now - self._lost_at < OUTAGE_WINDOW_S:
+        if isinstance(exc, OVERLOADED) and now - self._lost_at < OUTAGE_WINDOW_S:
             if now + OUTAGE_RETRY_S >= deadline:
                 return False
             await asyncio.sleep(OUTAGE_RETRY_S)  # a replacement replica is on its way
@@ -189,36 +197,50 @@ class Ingress:
 
     async def open_stream(
         self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float
-    ) -> DeploymentResponseGenerator:
-        """Start a streamed call and wait for its first event, so errors are still HTTP 4xx.
+    ) -> tuple[DeploymentResponseGenerator, list[Event]]:
+        """Start a streamed call and wait for the events of its first SSE frame.
 
-        Nothing has reached the client before the first event, so a replica lost by then is
-        retried like a non-streamed call; after it, `sse` ends the stream with an error event.
+        Nothing has reached the client until then (not even the status line), so errors are
+        still HTTP 4xx / 503, and a replica lost or a full queue by then is retried exactly like
+        a non-streamed call. After it, `sse` ends the stream with an error event instead.
         """
-        attempt = 0
+        lost = 0  # tries that met a dead replica
         while True:
-            attempt += 1
             gen = handle.options(stream=True).stream.remote(payload)
             try:
-                first = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
+                return gen, await self._first_frame(gen, deadline)
             except TimeoutError:
-                gen.cancel()
+                _cancel(gen)
                 raise self._timeout() from None
             except asyncio.CancelledError:
-                gen.cancel()
+                _cancel(gen)
                 raise
             except Exception as exc:
-                gen.cancel()
-                if not await self._retry(exc, attempt, deadline):
-                    raise _unavailable(exc) from exc
-                continue
-            if first["event"] == "error":
-                gen.cancel()
-                raise ApiError.from_data(first["error"])
-            return gen
+                _cancel(gen)
+                lost += isinstance(exc, RETRYABLE)
+                if not await self._retry(exc, lost, deadline):
+                    raise unavailable(exc) from exc
+
+    async def _first_frame(self, gen: DeploymentResponseGenerator, deadline: float) -> list[Event]:
+        """The replica's events up to the first that makes a frame (a delta or the end)."""
+        events: list[Event] = []
+        while True:
+            try:
+                event = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
+            except StopAsyncIteration:
+                return events
+            if event["event"] == "error":
+                raise replica_error(event["error"])
+            events.append(event)
+            if event["event"] != "start":
+                return events
 
     async def sse(
-        self, gen: DeploymentResponseGenerator, fmt: ChunkFormatter, deadline: float
+        self,
+        gen: DeploymentResponseGenerator,
+        first: list[Event],
+        fmt: ChunkFormatter,
+        deadline: float,
     ) -> AsyncIterator[str]:
         """The SSE body: frames until the replica ends, then `[DONE]`. Leaving early (client
         gone, timeout, error) cancels the replica's generation."""
@@ -226,6 +248,9 @@ class Ingress:
         try:
             for f in fmt.opening():
                 yield f
+            for event in first:
+                for f in fmt.feed(event):
+                    yield f
             while True:
                 try:
                     event = await asyncio.wait_for(gen.__anext__(), self._left(deadline))
@@ -238,10 +263,12 @@ class Ingress:
             yield frame(self._timeout().payload())
         except Exception as exc:  # mid-stream: the status line is gone, send an error frame
             log.warning("stream failed for %s: %r", fmt.model, exc)
-            yield frame(_stream_error(exc))
+            if isinstance(exc, RETRYABLE):
+                self._lost_at = time.monotonic()  # full queues meanwhile: the outage's doing
+            yield frame(stream_error(exc))
         finally:
             if not finished:
-                gen.cancel()
+                _cancel(gen)
         yield DONE
 
     async def generation(
@@ -256,11 +283,11 @@ class Ingress:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            gen = await self.open_stream(handle, payload, deadline)
+            gen, first = await self.open_stream(handle, payload, deadline)
             usage = bool(body.stream_options and body.stream_options.include_usage)
             fmt = ChunkFormatter(kind, rid, body.model, body.n, usage)
             return StreamingResponse(
-                self.sse(gen, fmt, deadline),
+                self.sse(gen, first, fmt, deadline),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -312,29 +339,12 @@ async def _wait(response: DeploymentResponse) -> Any:
     return await response
 
 
-def _stream_error(exc: Exception) -> dict[str, Any]:
-    """The error event of a stream that broke after its first frame (then `[DONE]` follows).
-
-    A lost replica is a 503 (retry the request); anything else is a 500.
-    """
-    if isinstance(exc, RETRYABLE):
-        msg = f"the replica serving this stream was lost ({type(exc).__name__}); retry the request"
-        return envelope(error(503, msg))
-    return envelope(error(500, f"generation failed: {type(exc).__name__}"))
-
-
-def _unavailable(exc: Exception) -> Exception:
-    """Serve's overload / failure exceptions as 503s; anything else stays a 500."""
-    if isinstance(exc, BackPressureError):
-        retry = max(1, math.ceil(exc.retry_after_s or 1))
-        return ApiError(
-            503,
-            f"server overloaded: {exc.message} Retry later.",
-            headers={"Retry-After": str(retry)},
-        )
-    if isinstance(exc, DeploymentUnavailableError | RayActorError):
-        return ApiError(503, f"model unavailable ({type(exc).__name__}); retry later")
-    return exc
+def _cancel(response: DeploymentResponse | DeploymentResponseGenerator) -> None:
+    """Cancel a replica call, best effort. Serve's `cancel()` raises the call's own error again
+    when the call failed before reaching a replica (a full queue, no replica): there is nothing
+    to cancel then, and that error must not escape past the retry."""
+    with contextlib.suppress(Exception):
+        response.cancel()
 
 
 def cors_origins(value: str) -> list[str]:

@@ -3,9 +3,10 @@ crashed (SIGKILL) in the middle of requests.
 
 Two replicas of the variant under test serve a steady open-loop load (half streamed). At a
 third of the run the busiest replica is lost. The ingress retries the non-streamed requests
-it had in flight on the other replica; the streams it was serving end with an error event and
-`[DONE]`. Figures: sent, ok, failed by status, lost, and the seconds until Serve's
-replacement replica is RUNNING again. Target: 0 lost, 0 failed non-streamed requests.
+it had in flight, and the streams that had not sent their first frame, on the other replica;
+the streams already under way end with an error event and `[DONE]`. Figures: sent, ok,
+failed by status, lost, and the seconds until Serve's replacement replica is RUNNING again.
+Target: 0 lost, 0 failed non-streamed requests.
 """
 
 from __future__ import annotations

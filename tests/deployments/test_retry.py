@@ -1,8 +1,9 @@
-"""A replica lost under a request: non-streamed requests are retried, streams end cleanly.
+"""A replica lost under a request: non-streamed requests, and streams before their first
+frame, are retried; streams that lost their replica later end cleanly.
 
 Its own application (`retry`, two replicas of the student), so killing replicas never
-disturbs the other tests. The long version under steady load is `make reliability`
-(reliability/faults.py).
+disturbs the other tests; the stream policy's cases run against fakes, without Serve. The
+long version under steady load is `make reliability` (reliability/faults.py).
 """
 
 from __future__ import annotations
@@ -121,3 +122,153 @@ def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
     assert asyncio.run(retry(full, deadline=time.monotonic())) is False  # never past the deadline
     gate._lost_at -= ingress.OUTAGE_WINDOW_S
     assert asyncio.run(retry(full)) is False  # the window is over: overload again
+
+
+# -- streams before their first frame: the same policy as non-streamed calls (no Serve) -------
+
+
+class FakeStream:
+    """A replica stream: its events in order; an exception item is raised where it stands."""
+
+    def __init__(self, *items: object):
+        self.items = list(items)
+        self.cancelled = False
+
+    async def __anext__(self) -> object:
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """`handle.options(stream=True).stream.remote(payload)` hands out `streams` in order."""
+
+    def __init__(self, *streams: object):
+        self.streams = list(streams)
+        self.calls = 0
+
+    def options(self, **_: object) -> FakeHandle:
+        return self
+
+    @property
+    def stream(self) -> FakeHandle:
+        return self
+
+    def remote(self, _payload: object) -> object:
+        self.calls += 1
+        return self.streams.pop(0)
+
+
+def full_queue_stream():
+    """What Serve 2.60 hands back when the caller's queue is full: a generator whose
+    assignment failed, and whose `cancel()` raises that BackPressureError again."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from ray.serve.exceptions import BackPressureError
+    from ray.serve.handle import DeploymentResponseGenerator
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_exception(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    meta = SimpleNamespace(request_id="r")
+    return DeploymentResponseGenerator(future, meta, _is_router_running_in_separate_loop=True)
+
+
+START = {"event": "start", "prompt_tokens": 3}
+DELTA = {"event": "delta", "index": 0, "text": "hi", "finish_reason": None}
+END = {"event": "delta", "index": 0, "text": "!", "finish_reason": "length"}
+QUEUE_FULL = {
+    "event": "error",
+    "error": {"status": 503, "message": "student is overloaded", "type": "overloaded_error"},
+}
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """An Ingress without Serve: only its retry and streaming methods are used."""
+    import time
+    from types import SimpleNamespace
+
+    import deployments.ingress as ingress
+
+    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
+    monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.001)
+    g = object.__new__(ingress.Ingress.func_or_class)
+    g._lost_at = float("-inf")
+    g.settings = SimpleNamespace(request_timeout_s=60)
+    g.far = time.monotonic() + 60
+    return g
+
+
+def body_of(gate, stream, first) -> list[str]:
+    import asyncio
+
+    from deployments.sse import ChunkFormatter
+
+    async def collect() -> list[str]:
+        fmt = ChunkFormatter("completion", "cmpl-1", "student", 1, False)
+        return [f async for f in gate.sse(stream, first, fmt, gate.far)]
+
+    return asyncio.run(collect())
+
+
+@pytest.mark.timeout(10)
+def test_stream_before_its_first_frame_is_retried_like_a_non_streamed_call(gate):
+    import asyncio
+    import time
+
+    from ray.exceptions import ActorDiedError
+
+    gate._lost_at = time.monotonic()  # a replica was just lost: the outage window
+    lost_after_start = FakeStream(START, ActorDiedError())  # gone before its first token
+    served = FakeStream(START, DELTA, END)
+    handle = FakeHandle(full_queue_stream(), FakeStream(QUEUE_FULL), lost_after_start, served)
+    stream, first = asyncio.run(gate.open_stream(handle, {}, gate.far))
+    assert handle.calls == 4 and stream is served and first == [START, DELTA]
+    assert lost_after_start.cancelled
+    frames = body_of(gate, stream, first)
+    texts = [json.loads(f.removeprefix("data: "))["choices"][0]["text"] for f in frames[:-1]]
+    assert texts == ["hi", "!"] and frames[-1] == "data: [DONE]\n\n"
+
+
+@pytest.mark.timeout(10)
+def test_stream_with_a_full_queue_outside_the_outage_window_gets_an_enveloped_503(gate):
+    import asyncio
+
+    from deployments.errors import ApiError
+
+    for stream, message, retry_after in [
+        (full_queue_stream(), "server overloaded: Request dropped", "1"),
+        (FakeStream(QUEUE_FULL), "student is overloaded", None),
+    ]:
+        handle = FakeHandle(stream)
+        with pytest.raises(ApiError) as caught:
+            asyncio.run(gate.open_stream(handle, {}, gate.far))
+        data = caught.value.data
+        assert handle.calls == 1 and data["status"] == 503, data
+        assert data["message"].startswith(message) and data["headers"].get("Retry-After") == (
+            retry_after
+        )
+
+
+@pytest.mark.timeout(10)
+def test_stream_that_loses_its_replica_after_a_frame_ends_with_error_and_done(gate):
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    stream = FakeStream(START, DELTA, ActorDiedError())
+    handle = FakeHandle(stream)
+    opened, first = asyncio.run(gate.open_stream(handle, {}, gate.far))
+    frames = body_of(gate, opened, first)
+    assert json.loads(frames[0].removeprefix("data: "))["choices"][0]["text"] == "hi"
+    error = json.loads(frames[1].removeprefix("data: "))["error"]
+    assert error["code"] == 503 and "lost" in error["message"]
+    assert frames[2:] == ["data: [DONE]\n\n"] and stream.cancelled
+    assert gate._lost_at > float("-inf")  # full queues from now on are the outage's doing
