@@ -3,7 +3,7 @@
 Which weights: every `Conv1D` *and* `nn.Linear` weight inside `transformer.h` (in GPT-2 these
 are the Conv1Ds `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, stored (in, out)).
 Pruning "every nn.Linear" alone, as the older project did, would prune only `lm_head`, which is
-tied to `transformer.wte`: its zeros would land in the token embedding (REFERENCE.md). So the
+tied to `transformer.wte`: its zeros would land in the token embedding. So the
 tied embedding / head is left alone unless `include_embeddings` asks for it; it is then pruned
 once, as `transformer.wte.weight` (and `lm_head.weight` too when a config unties them).
 Biases, LayerNorms and the position table `wpe` are never pruned.

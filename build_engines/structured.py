@@ -2,7 +2,7 @@
 
 GPT-2 ties attention width to `n_embd` (`head_dim = n_embd // n_head`, `c_attn` is
 Conv1D(3·n_embd, n_embd)), so heads cannot be dropped on their own and still load with
-`from_pretrained` (REFERENCE.md). What this step can remove, and how it is ranked:
+`from_pretrained`. What this step can remove, and how it is ranked:
 
 * **MLP neurons** (always; `mlp_keep` of `n_inner`, the same count in every layer because the
   config has one `n_inner`, chosen per layer): columns of `mlp.c_fc` (n_embd, n_inner) and rows

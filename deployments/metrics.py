@@ -1,6 +1,6 @@
 """Per-variant serving metrics on Ray's Prometheus endpoint (beside Ray Serve's own).
 
-Names follow vLLM's, which dashboards already know (REFERENCE.md), prefixed `slimserve_`;
+Names follow vLLM's, which dashboards already know, prefixed `slimserve_`;
 Ray adds `ray_` on export and `_total` to counters, e.g.
 `ray_slimserve_time_to_first_token_seconds_bucket{model="student",...}`. Serve adds the
 `deployment`, `replica` and `application` tags itself. Values come from the engine's own

@@ -1,4 +1,4 @@
-"""Reliability runs (issue 10): replica faults under load, overload, soak, hostile input.
+"""Reliability runs: replica faults under load, overload, soak, hostile input.
 
 `make reliability` runs them all (`reliability.run`) and writes `reports/reliability.{json,md}`.
 The fast parts (hostile-input matrix, broken artifacts, auth, a retry drill) live in

@@ -2,7 +2,7 @@
 
 The core library owns the *schema* of each step so a profile is validated without importing
 training or compilation code; the implementation is found by its import path at run time
-(`"training.finetune:run"`), so the layers stay one-way (DESIGN.md).
+(`"training.finetune:run"`), so the layers stay one-way.
 A step function has the signature `run(ctx: StepContext) -> StepResult` (`slimserve.runner`).
 """
 

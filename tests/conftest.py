@@ -1,4 +1,4 @@
-"""Shared fixtures: Ray starts at most once per test session (DESIGN.md)."""
+"""Shared fixtures: Ray starts at most once per test session."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Knowledge distillation pieces as pure functions: the KD loss and the student initialisation.
 
-The loss is DistilGPT2's (REFERENCE.md): `alpha_kd · T² · KL(softmax(t/T) ‖ softmax(s/T)) +
+The loss is DistilGPT2's: `alpha_kd · T² · KL(softmax(t/T) ‖ softmax(s/T)) +
 alpha_lm · CE(s, labels)`. The T² factor keeps the soft-target gradients on the same scale as
 the hard-target ones when T changes (Hinton et al., 2015).
 

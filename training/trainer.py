@@ -2,7 +2,7 @@
 
 Worker sizing matters on CPU: a worker's `resources_per_worker["CPU"]` becomes its thread
 count, and Ray's default of one CPU per worker trained ~30 % slower on a 2-core machine than
-giving each worker all its cores (REFERENCE.md). So on CPU each worker gets
+giving each worker all its cores. So on CPU each worker gets
 `cpus_per_worker` (the profile's, or all cores / workers); on GPU each worker gets one GPU.
 
 Resume is Ray Train's: a run is identified by `RunConfig(name, storage_path)`; starting a run

@@ -98,7 +98,7 @@ def test_no_streamlit_magic_in_page_scripts():
 
 
 def test_dashboard_imports_only_the_protocol_and_reports_from_the_core():
-    """DESIGN.md: the dashboard talks HTTP; of the core it may use only these two modules."""
+    """The dashboard talks HTTP; of the core it may use only these two modules."""
     allowed = {"slimserve.protocol", "slimserve.reports"}
     for script in Path(APP).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(script.read_text())):
