@@ -89,3 +89,12 @@ reliability: $(if $(RELIABILITY_ARTIFACTS),$(STAMP),artifacts)  ## faults under 
 
 bench: $(STAMP)  ## benchmarks on the built variants -> reports/ (variants, Serve vs baseline race, GPU)
 	$(BIN)/slimserve bench all --config $(CONFIG)
+
+.PHONY: bench-peers
+
+PEERS_ARGS ?=
+
+# vLLM gets its own venv (.venv-vllm/, reused once installed): its CPU wheel pins its own torch
+# and an older transformers. PEERS_ARGS passes options, e.g. "--concurrency 1 4 --no-big".
+bench-peers: $(STAMP)  ## slimserve vs vLLM vs the Flask baseline, same weights, tiny + 124M-shaped -> reports/bench_peers.*
+	$(BIN)/python -m bench.peers --config $(CONFIG) $(PEERS_ARGS)

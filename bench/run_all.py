@@ -262,7 +262,7 @@ def run_all(plan: BenchPlan) -> list[Path]:
     return written
 
 
-RESULTS_ORDER = ("bench_serving", "bench_variants", "bench_gpu_decode")
+RESULTS_ORDER = ("bench_serving", "bench_peers", "bench_variants", "bench_gpu_decode")
 
 
 def results_markdown(reports_dir: str | Path, command: str = "make bench") -> str:

@@ -1,0 +1,197 @@
+"""The peers report: slimserve, vLLM and the Flask baseline, side by side, with the targets.
+
+Kept apart from `peers.py` (which runs servers) so the arithmetic can be tested on plain rows.
+A race is {server label -> level rows} (`LevelResult.row()`); labels are "slimserve" (the
+torch variant), "slimserve-onnx", "vllm" and "baseline", and a server that did not run simply
+has no rows: its columns are empty and the targets that need it say "not measured".
+Ratios are a / b: above 1 is better for throughput, below 1 is better for latency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.race import LEVEL_COLUMNS
+from slimserve.reports import Chart, Report, Table, new_report
+
+Rows = dict[str, list[dict[str, Any]]]
+SERVERS = ("slimserve", "slimserve-onnx", "vllm", "baseline")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
+
+
+def _find(rows: list[dict[str, Any]], stream: bool, conc: int) -> dict[str, Any]:
+    return next((r for r in rows if r["stream"] == stream and r["concurrency"] == conc), {})
+
+
+def side_by_side(race: Rows) -> list[dict[str, Any]]:
+    """One row per concurrency: every server's tokens/s both ways, e2e p50 and TTFT p99."""
+    labels = [s for s in SERVERS if race.get(s)] + [s for s in race if s not in SERVERS]
+    concs = sorted({r["concurrency"] for rows in race.values() for r in rows})
+    out = []
+    for conc in concs:
+        row: dict[str, Any] = {"concurrency": conc}
+        for label in labels:
+            json_row, stream_row = _find(race[label], False, conc), _find(race[label], True, conc)
+            row[f"{label}_tok_s"] = json_row.get("out_tok_s")
+            row[f"{label}_stream_tok_s"] = stream_row.get("out_tok_s")
+            row[f"{label}_e2e_p50_ms"] = json_row.get("e2e_p50_ms")
+            row[f"{label}_ttft_p99_ms"] = stream_row.get("ttft_p99_ms")
+        out.append(row)
+    return out
+
+
+def _get(race: Rows, label: str, stream: bool, conc: int, column: str) -> float | None:
+    return _find(race.get(label, []), stream, conc).get(column)
+
+
+def _best(race: Rows, labels: tuple[str, ...], stream: bool, conc: int) -> float | None:
+    found = [_get(race, lb, stream, conc, "out_tok_s") for lb in labels]
+    found = [f for f in found if f is not None]
+    return max(found) if found else None
+
+
+def _target(what: str, got: float | None, bound: float, kind: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "target": what,
+        "required": f"{'>=' if kind == 'min' else '<='} {bound:g}x",
+        "measured": got,
+        "met": None,
+        "miss": "not measured" if got is None else None,
+    }
+    if got is not None:
+        row["met"] = got >= bound if kind == "min" else got <= bound
+        if not row["met"]:
+            row["miss"] = (
+                f"{got / bound:.0%} of the target"
+                if kind == "min"
+                else f"{got / bound - 1:.0%} over"
+            )
+    return row
+
+
+def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
+    """The goals slimserve is raced against, each with its measured ratio (or not measured)."""
+    t = 16
+
+    def tok(race: Rows, label: str, stream: bool, conc: int = t) -> float | None:
+        return _get(race, label, stream, conc, "out_tok_s")
+
+    e2e = [_get(tiny, s, False, 1, "e2e_p50_ms") for s in ("slimserve", "vllm")]
+    both = ("slimserve", "slimserve-onnx")
+    return [
+        _target(
+            "student, 16 clients: non-streamed tok/s vs vLLM",
+            _ratio(tok(tiny, "slimserve", False), tok(tiny, "vllm", False)), 1.0, "min",
+        ),
+        _target(
+            "student, 16 clients: streamed tok/s vs vLLM",
+            _ratio(tok(tiny, "slimserve", True), tok(tiny, "vllm", True)), 1.0, "min",
+        ),
+        _target("student, 1 client: non-streamed e2e p50 vs vLLM", _ratio(*e2e), 1.0, "max"),
+        _target(
+            "student-onnx, 16 clients: non-streamed tok/s vs vLLM",
+            _ratio(tok(tiny, "slimserve-onnx", False), tok(tiny, "vllm", False)), 1.5, "min",
+        ),
+        _target(
+            "student-onnx, 16 clients: streamed tok/s vs vLLM",
+            _ratio(tok(tiny, "slimserve-onnx", True), tok(tiny, "vllm", True)), 1.5, "min",
+        ),
+        _target(
+            "student, 16 clients: streamed vs non-streamed tok/s",
+            _ratio(tok(tiny, "slimserve", True), tok(tiny, "slimserve", False)), 0.9, "min",
+        ),
+        _target(
+            "124M-shaped, 16 clients: best slimserve variant vs vLLM, non-streamed",
+            _ratio(_best(big, both, False, t), tok(big, "vllm", False)), 1.0, "min",
+        ),
+        _target(
+            "124M-shaped, 16 clients: best slimserve variant vs vLLM, streamed",
+            _ratio(_best(big, both, True, t), tok(big, "vllm", True)), 1.0, "min",
+        ),
+        _target(
+            "student, 16 clients: non-streamed tok/s vs the Flask baseline",
+            _ratio(tok(tiny, "slimserve", False), tok(tiny, "baseline", False)), 6.0, "min",
+        ),
+    ]  # fmt: skip
+
+
+def _levels_table(title: str, race: Rows) -> Table:
+    title += "" if race else " (not run)"
+    columns = ("server", *LEVEL_COLUMNS)
+    rows = [[label] + [r.get(c) for c in LEVEL_COLUMNS] for label, rs in race.items() for r in rs]
+    return Table(title=title, columns=list(columns), rows=rows)
+
+
+def _pairs_table(title: str, race: Rows) -> Table:
+    pairs = side_by_side(race)
+    if not pairs:
+        return Table(title=f"{title} (not run)", columns=["concurrency"])
+    return Table.from_records(title, pairs)
+
+
+def _tok_chart(title: str, table: int, pairs: Table) -> list[Chart]:
+    y = [c for c in pairs.columns if c.endswith("tok_s")]
+    if not y:
+        return []
+    return [Chart(title=title, type="line", table=table, x="concurrency", y=y, y_label="tok/s")]
+
+
+def peers_report(
+    tiny: Rows,
+    big: Rows,
+    *,
+    peer: dict[str, Any],
+    greedy: list[dict[str, Any]],
+    settings: dict[str, Any],
+    command: str | None,
+) -> Report:
+    """`bench_peers`: both races, the peer's status, the targets and the greedy comparison."""
+    goals = targets(tiny, big)
+    tiny_pairs = _pairs_table("student (tiny): side by side", tiny)
+    big_pairs = _pairs_table("GPT-2-124M-shaped (random weights): side by side", big)
+    tables = [
+        Table.from_records("the peer: vLLM", [peer]),
+        tiny_pairs,
+        big_pairs,
+        Table.from_records("targets", goals),
+        _levels_table("student (tiny): every level", tiny),
+        _levels_table("GPT-2-124M-shaped: every level", big),
+    ]
+    if greedy:
+        tables.append(Table.from_records("greedy output: slimserve vs vLLM", greedy))
+    charts = _tok_chart("student: output tokens/s", 1, tiny_pairs)
+    charts += _tok_chart("GPT-2-124M-shaped: output tokens/s", 2, big_pairs)
+    notes = [
+        f"Closed loop, greedy, max_tokens {settings['max_tokens']}, the same fixed prompts, "
+        f"requests per level max({settings['min_requests']}, {settings['requests_per_client']} "
+        "x clients); the servers took turns level by level, never loaded together.",
+        "Every server serves the same weights: slimserve from serve_config.yaml (the 124M model "
+        "with the student's settings), vLLM's OpenAI server (float32, max-model-len 128) from "
+        "its own venv, the Flask baseline (tiny student only) with 2 torch threads.",
+    ]
+    if peer.get("status") != "ran":
+        notes.append(f"vLLM did not run: {peer.get('status')}. Its columns are empty.")
+    for model in dict.fromkeys(g.get("model") for g in greedy):
+        rows = [g for g in greedy if g.get("model") == model]
+        same = sum(1 for g in rows if g["identical"])
+        notes.append(
+            f"greedy output ({model}): {same} of {len(rows)} prompts identical token for token "
+            "between slimserve and vLLM."
+        )
+    notes += [
+        f"target missed: {g['target']}: {g['measured']}x ({g['miss']})"
+        for g in goals
+        if g["met"] is False
+    ]
+    return new_report(
+        "bench_peers",
+        kind="serving",
+        title="Serving: slimserve vs vLLM vs the older architecture",
+        tables=tables,
+        charts=charts,
+        notes=notes,
+        command=command,
+    )

