@@ -8,7 +8,11 @@ artifacts at all only the ingress starts, and it answers "not built: run `make a
 
 GPUs are counted in the Ray cluster, not in this process (the builder runs in a CPU-only Ray
 task, where CUDA may be hidden): with a GPU, torch / ONNX Runtime / TensorRT variants get a
-fractional `num_gpus` and `device="cuda"`; the same serve_config.yaml works on both.
+fractional `num_gpus` and `device="cuda"`; the same serve_config.yaml works on both. A runtime
+whose package here cannot use a GPU (onnxruntime without its CUDA provider, a CPU build of
+torch) and an int8 ONNX graph run on CPU instead, and their cards say so (`note`). The GPU
+shares are fitted to the cluster (`num_gpus: auto` shares the GPUs out; explicit shares that
+cannot all be scheduled fail here, listing each, instead of a deployment that never starts).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from deployments.settings import (
     INGRESS_NAME,
     VariantSettings,
     deployment_options,
+    fit_gpus,
     parse_args,
     place,
     resolve,
@@ -36,7 +41,7 @@ from deployments.settings import (
 )
 from slimserve.artifacts import MANIFEST, ArtifactError, ArtifactStore, Manifest
 from slimserve.catalogue import Profile, load_profile
-from slimserve.hardware import missing
+from slimserve.hardware import gpu_runtime_missing, missing
 from slimserve.protocol import ModelCard
 from slimserve.steps import STEPS
 
@@ -56,6 +61,7 @@ class VariantPlan(BaseModel):
     card: ModelCard
     options: dict[str, Any] | None = None
     init: dict[str, Any] | None = None  # ModelServer constructor arguments
+    gpu_share: float | None = None  # on a GPU: its num_gpus per replica (None = auto)
 
 
 def cluster_gpus() -> float:
@@ -189,10 +195,12 @@ def plan_variant(
     if not s.enabled:
         card.reason = f"disabled in serve_config.yaml (args.variants.{name}.enabled: false)"
         return VariantPlan(card=card)
-    placement = place(manifest.runtime, s, gpus)
+    no_gpu = gpu_runtime_missing(manifest.runtime) if gpus > 0 else None
+    placement = place(manifest.runtime, s, gpus, no_gpu, onnx_precision(folder, manifest))
     card.reason = placement.reason or runtime_missing(manifest.runtime)
     if card.reason is not None:
         return VariantPlan(card=card)
+    card.note = placement.note
     problem = check_files(folder, manifest)  # only for what would deploy: it reads the files
     if problem is not None:
         card.reason = f"unavailable: {problem}"
@@ -208,7 +216,33 @@ def plan_variant(
         "threads": s.torch_threads,
         "dtype": s.dtype,
     }
-    return VariantPlan(card=card, options=deployment_options(s, placement), init=init)
+    options = deployment_options(s, placement)
+    return VariantPlan(card=card, options=options, init=init, gpu_share=placement.num_gpus)
+
+
+def onnx_precision(folder: Path, manifest: Manifest) -> str | None:
+    """An ONNX variant's graph precision ("float32" | "int8") from its sidecar, else None."""
+    if manifest.runtime != "onnxruntime":
+        return None
+    try:
+        meta = json.loads((folder / "onnx.json").read_bytes())
+    except (OSError, ValueError):
+        return None  # check_files names a corrupt sidecar
+    return meta.get("precision") if isinstance(meta, dict) else None
+
+
+def fit_plans(plans: list[VariantPlan], gpus: float) -> None:
+    """Set each GPU deployment's `num_gpus` (auto shares fitted to the cluster), or raise
+    GpuFitError listing every GPU variant's share and the total."""
+    wants: dict[str, tuple[float | None, int]] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for p in plans:
+        if p.options is not None and p.card.device == "cuda":
+            scaling = p.options.get("autoscaling_config") or {}
+            replicas = p.options.get("num_replicas") or scaling.get("initial_replicas", 1)
+            wants[p.card.id], options[p.card.id] = (p.gpu_share, replicas), p.options
+    for name, share in (fit_gpus(wants, gpus) if wants else {}).items():
+        options[name]["ray_actor_options"]["num_gpus"] = share
 
 
 def plan(args: dict[str, Any] | None) -> tuple[list[VariantPlan], dict[str, Any]]:
@@ -222,6 +256,7 @@ def plan(args: dict[str, Any] | None) -> tuple[list[VariantPlan], dict[str, Any]
         raise ValueError(f"variant name {INGRESS_NAME!r} is reserved for the ingress deployment")
     gpus = cluster_gpus()
     plans = [plan_variant(n, profile, store, per_variant[n], gpus) for n in profile.order()]
+    fit_plans(plans, gpus)
     built = any(p.card.runtime is not None for p in plans)
     from slimserve.hardware import machine
 

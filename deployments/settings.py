@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -62,9 +62,13 @@ class VariantSettings(Strict):
     replicas: int | None = Field(None, ge=1, le=1024, description="fixed count (None = 1)")
     autoscaling: AutoscalingSettings | None = Field(None, description="instead of replicas")
     num_cpus: float = Field(0.2, gt=0, le=1024, description="CPUs reserved per replica")
-    num_gpus: float = Field(0.25, ge=0, le=64, description="GPU share per replica on a GPU")
+    num_gpus: Annotated[float, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="GPU share per replica on a GPU (auto = the cluster's GPUs shared out "
+        "evenly among the GPU replicas left after the explicit shares)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = a GPU when the Ray cluster has one (and num_gpus > 0)"
+        "auto", description="auto = a GPU when the Ray cluster has one (and num_gpus != 0)"
     )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="torch variants only (None = fp32 on CPU, fp16 on GPU)"
@@ -208,26 +212,114 @@ class Placement(BaseModel):
     """Where a variant's replicas run, or why it cannot run here."""
 
     device: Literal["cpu", "cuda"] | None
-    num_gpus: float = 0.0
-    reason: str | None = None
+    num_gpus: float | None = 0.0  # None: "auto", a share fitted to the cluster (`fit_gpus`)
+    reason: str | None = None  # why it is not deployed
+    note: str | None = None  # why it runs on CPU although the cluster has a GPU
 
 
-def place(runtime: str, s: VariantSettings, cluster_gpus: float) -> Placement:
-    """GPU (a fractional share) when the cluster has one and the settings allow it, else CPU.
+INT8_ON_CPU = (
+    "int8 ONNX graph kept on CPU (the CUDA provider runs its integer ops on the CPU; "
+    "device: cuda overrides)"
+)
 
-    TensorRT runs only on a GPU; torch and ONNX Runtime run on either.
+
+def place(
+    runtime: str,
+    s: VariantSettings,
+    cluster_gpus: float,
+    gpu_missing: str | None = None,
+    precision: str | None = None,
+) -> Placement:
+    """GPU (a fractional share) when the cluster has one, the settings allow it and the runtime
+    can use it, else CPU, saying why in `note`.
+
+    gpu_missing: why the runtime's package cannot use a GPU (`hardware.gpu_runtime_missing`:
+    a CPU build of torch, onnxruntime without its CUDA provider). precision: an ONNX graph's
+    ("int8" stays on CPU unless `device: cuda`). TensorRT runs only on a GPU; torch and ONNX
+    Runtime run on either.
     """
-    wants_gpu = s.device == "cuda" or (s.device == "auto" and s.num_gpus > 0)
-    if s.device == "cuda" and s.num_gpus <= 0:
+    if s.device == "cuda" and s.num_gpus == 0:
         return Placement(device=None, reason="device: cuda needs num_gpus > 0")
+    wants_gpu = s.device == "cuda" or (s.device == "auto" and s.num_gpus != 0)
+    note = None
+    if cluster_gpus > 0 and wants_gpu and s.device == "auto" and precision == "int8":
+        wants_gpu, note = False, INT8_ON_CPU
+    if wants_gpu and cluster_gpus > 0 and gpu_missing and runtime != "tensorrt":
+        if s.device == "cuda":
+            return Placement(device=None, reason=f"device: cuda, but {gpu_missing}")
+        wants_gpu, note = False, f"on CPU: {gpu_missing}"
     if wants_gpu and cluster_gpus > 0:
-        return Placement(device="cuda", num_gpus=s.num_gpus)
+        share = None if s.num_gpus == "auto" else float(s.num_gpus)
+        return Placement(device="cuda", num_gpus=share)
     if runtime == "tensorrt":
         why = "device: cpu" if s.device == "cpu" else "no GPU in the Ray cluster"
         return Placement(device=None, reason=f"TensorRT needs an NVIDIA GPU ({why})")
     if s.device == "cuda":
         return Placement(device=None, reason="device: cuda, but the Ray cluster has no GPU")
-    return Placement(device="cpu")
+    return Placement(device="cpu", note=note)
+
+
+class GpuFitError(SettingsError):
+    """The variants' GPU shares cannot all be scheduled on the cluster's GPUs."""
+
+
+def fit_gpus(wants: dict[str, tuple[float | None, int]], cluster_gpus: float) -> dict[str, float]:
+    """Each GPU variant's share per replica, fitted to the cluster, or GpuFitError.
+
+    wants: variant -> (its share, None for auto; its replica count). Ray packs fractional
+    shares onto single GPUs (a 0.6 share never spans two), so the check packs replicas into
+    GPUs of capacity 1 (largest first), explicit shares first; the auto share is then the
+    largest multiple of 0.01 that fits every auto replica into what is left. Anything that
+    does not fit raises, naming each variant's share and the total, instead of leaving
+    replicas pending (the application would stay DEPLOYING forever).
+    """
+    free = [1.0] * int(math.floor(cluster_gpus + 1e-9))
+    explicit = sorted(
+        ((n, sh) for n, (sh, k) in wants.items() if sh is not None for _ in range(k)),
+        key=lambda item: -item[1],
+    )
+    fits = all(_take(free, share) for _, share in explicit)
+    auto = {n: k for n, (sh, k) in wants.items() if sh is None}
+    shares = {n: float(sh) for n, (sh, _) in wants.items() if sh is not None}
+    count = sum(auto.values())
+    if fits and count:
+        best = next(
+            (
+                c / 100
+                for c in range(100, 0, -1)
+                if sum(int(f * 100 + 1e-6) // c for f in free) >= count
+            ),
+            None,
+        )
+        fits = best is not None
+        shares.update({n: best or 0.0 for n in auto})
+    if fits:
+        return shares
+    listing = ", ".join(
+        f"{n} {'auto' if sh is None else format(sh, 'g')} x {k}" for n, (sh, k) in wants.items()
+    )
+    total = sum((sh or 0.01) * k for sh, k in wants.values())
+    raise GpuFitError(
+        f"GPU shares do not fit the Ray cluster's {cluster_gpus:g} GPU(s): {listing} "
+        f"(per replica x replicas; total {total:g} GPUs, auto counted at its minimum 0.01). "
+        "Lower num_gpus or set it to auto, set device: cpu on some variants, or add GPUs."
+    )
+
+
+def _take(free: list[float], share: float) -> bool:
+    """Reserve `share` of one GPU (whole GPUs for shares >= 1) in `free`; False if none fits."""
+    if share >= 1:
+        whole = [i for i, f in enumerate(free) if f >= 1 - 1e-9][: math.ceil(share)]
+        if len(whole) < math.ceil(share):
+            return False
+        for i in whole:
+            free[i] = 0.0
+        return True
+    for i, f in enumerate(free):
+        if f + 1e-9 >= share:
+            free[i] = f - share
+            return True
+    return False
 
 
 def deployment_options(s: VariantSettings, placement: Placement) -> dict[str, Any]:
@@ -236,7 +328,7 @@ def deployment_options(s: VariantSettings, placement: Placement) -> dict[str, An
         "max_ongoing_requests": s.ongoing,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": placement.num_gpus},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": placement.num_gpus or 0.0},
         "user_config": engine_config(s),
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,

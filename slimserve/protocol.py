@@ -221,6 +221,7 @@ class ModelCard(BaseModel):
     reason: str | None = Field(None, description="why it is not deployed")
     replicas: int | None = None
     device: str | None = None
+    note: str | None = Field(None, description="why it runs on CPU on a cluster with a GPU")
 
 
 class ModelList(BaseModel):

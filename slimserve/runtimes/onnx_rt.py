@@ -10,8 +10,16 @@ That is exactly `slimserve.runtimes.base`'s layout, so prefill feeds an empty pa
 feeds the state's tensors back. On CPU the numpy views of torch tensors go in and ORT's numpy
 outputs come back wrapped with `torch.from_numpy` (no copies on either side). On CUDA (when
 `onnxruntime-gpu` provides 'CUDAExecutionProvider') inputs and outputs are torch CUDA tensors
-bound with I/O binding on torch's current stream: without it, logits and the whole cache would
-cross PCIe every step.
+bound with I/O binding: without it, logits and the whole cache would cross PCIe every step.
+
+CUDA details that fail silently otherwise:
+* ORT computes on a torch stream of its own (`user_compute_stream`), which waits for torch's
+  current stream before each run (the inputs were written there) and which torch's stream
+  waits for after it (the outputs are read there); handing ORT the default stream ("0") does
+  not order it after torch's work;
+* TF32 is off (`use_tf32=0`) so an fp32 graph computes in fp32, as its parity check did;
+* ORT falls back to CPU without an error when the CUDA provider cannot load (missing CUDA or
+  cuDNN libraries): `load` checks that CUDA is the session's first provider.
 
 This module reads `config.json` as plain JSON and never imports transformers, so an ONNX
 replica loads only onnxruntime, torch tensors and `tokenizers`.
@@ -106,10 +114,11 @@ def resolve_device(device: str | None) -> str:
 class OnnxRuntime:
     """An ORT session behind the `Runtime` protocol (see base.py for shapes)."""
 
-    def __init__(self, session: ort.InferenceSession, info: RuntimeInfo):
+    def __init__(self, session: ort.InferenceSession, info: RuntimeInfo, stream: Any = None):
         self.session = session
         self.info = info
         self.device = torch.device(info.device)
+        self.stream = stream  # ORT's CUDA compute stream (a torch.cuda.Stream), None on CPU
         self.input_names, self.output_names = io_names(info.num_layers)
         self.io_binding = self.device.type == "cuda"  # CPU: plain `run` on numpy views
         self._dummy = torch.zeros(1, device=self.device)  # an address for empty inputs
@@ -167,7 +176,11 @@ class OnnxRuntime:
             binding.bind_output(
                 name, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr()
             )
+        if self.stream is not None:  # ORT's stream reads what torch's stream wrote
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(binding)
+        if self.stream is not None:  # and torch reads the outputs only once ORT has written them
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
         del keep
         return outputs
 
@@ -231,6 +244,26 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
+def cuda_options(dev: str, stream: Any) -> dict[str, str]:
+    """CUDAExecutionProvider options: the device, ORT's own compute stream, no TF32."""
+    return {
+        "device_id": str(torch.device(dev).index or 0),
+        "user_compute_stream": str(stream.cuda_stream),
+        "use_tf32": "0",
+    }
+
+
+def check_cuda_session(session: Any, dev: str) -> None:
+    """Raise unless CUDA is the session's first provider (ORT falls back to CPU silently)."""
+    active = session.get_providers()
+    if not active or active[0] != "CUDAExecutionProvider":
+        raise RuntimeError(
+            f"device {dev!r}: ONNX Runtime did not load its CUDA provider (session providers: "
+            f"{', '.join(active) or 'none'}); check the CUDA and cuDNN libraries that "
+            "onnxruntime-gpu needs, or load with device='cpu'"
+        )
+
+
 def load(
     folder: str | Path,
     *,
@@ -252,13 +285,15 @@ def load(
         raise FileNotFoundError(f"{folder}: no {meta['model']}")
     n_threads = resolve_threads(threads)
     dev = resolve_device(device)
+    stream = None
     if dev == "cpu":
         providers: list[Any] = ["CPUExecutionProvider"]
     else:
-        opts = {"device_id": str(torch.device(dev).index or 0)}
-        opts["user_compute_stream"] = str(torch.cuda.current_stream(dev).cuda_stream)
-        providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        stream = torch.cuda.Stream(torch.device(dev))
+        providers = [("CUDAExecutionProvider", cuda_options(dev, stream)), "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), session_options(n_threads), providers=providers)
+    if dev != "cpu":
+        check_cuda_session(session, dev)
     info = RuntimeInfo(
         runtime="onnxruntime",
         context_length=cfg["n_positions"],
@@ -276,4 +311,4 @@ def load(
             "folder": str(folder),
         },
     )
-    return OnnxRuntime(session, info)
+    return OnnxRuntime(session, info, stream)

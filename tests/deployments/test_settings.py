@@ -96,7 +96,8 @@ def test_placement_cpu_gpu_and_tensorrt():
     s = VariantSettings()
     assert place("torch", s, cluster_gpus=0).device == "cpu"
     on_gpu = place("onnxruntime", s, cluster_gpus=1)
-    assert on_gpu.device == "cuda" and on_gpu.num_gpus == 0.25
+    assert on_gpu.device == "cuda" and on_gpu.num_gpus is None  # auto: fitted by the builder
+    assert place("torch", VariantSettings(num_gpus=0.25), 1).num_gpus == 0.25
     assert "NVIDIA GPU" in (place("tensorrt", s, cluster_gpus=0).reason or "")
     assert place("tensorrt", s, cluster_gpus=2).device == "cuda"
     pinned = VariantSettings(device="cpu")
@@ -115,7 +116,7 @@ def test_deployment_options_fixed_and_autoscaled():
         "max_queue": 16,
         "stream_min_interval_ms": 20.0,
     }
-    auto_s = VariantSettings(autoscaling={"min_replicas": 0, "max_replicas": 4})
+    auto_s = VariantSettings(autoscaling={"min_replicas": 0, "max_replicas": 4}, num_gpus=0.25)
     auto = deployment_options(auto_s, place("torch", auto_s, 1))
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 0.25
     assert auto["autoscaling_config"]["max_replicas"] == 4
@@ -179,6 +180,7 @@ def test_plan_records_why_variants_are_not_deployed(tmp_path, monkeypatch):
 
 def test_plan_on_a_gpu_cluster_uses_the_same_args(tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, "cluster_gpus", lambda: 1.0)
+    monkeypatch.setattr(app_module, "gpu_runtime_missing", lambda runtime: None)  # CUDA builds
     profile, store = _store(tmp_path)
     args = {
         "config": str(profile),

@@ -138,8 +138,16 @@ def test_context_limits_are_errors(ort_rt):
 
 
 def test_device_and_threads_are_explicit(onnx_dir, monkeypatch):
-    with pytest.raises(ValueError, match="CUDAExecutionProvider"):
-        load(onnx_dir, device="cuda")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ValueError, match="CUDAExecutionProvider"):
+            load(onnx_dir, device="cuda")
+    elif not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            load(onnx_dir, device="cuda")
+    else:  # onnxruntime-gpu on a GPU machine: device="cuda" is honoured, never silently CPU
+        assert load(onnx_dir, device="cuda", threads=1).info.device == "cuda:0"
     monkeypatch.setenv("SLIMSERVE_ORT_THREADS", "2")
     assert load(onnx_dir, device="cpu").info.threads == 2
     monkeypatch.setenv("SLIMSERVE_ORT_THREADS", "two")
