@@ -13,13 +13,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray shared by every test that needs it; shut down at the end of the run."""
+    """A local Ray shared by every test that needs it; shut down at the end of the run.
+
+    CPU-only on every machine (`num_gpus=0`): the tests that use it check CPU placement and
+    CPU training, which a GPU found by Ray's autodetection would change; tests/gpu_sim starts
+    its own Ray with logical GPUs.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(
             address="local",
             num_cpus=2,
+            num_gpus=0,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,

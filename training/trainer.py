@@ -3,7 +3,9 @@
 Worker sizing matters on CPU: a worker's `resources_per_worker["CPU"]` becomes its thread
 count, and Ray's default of one CPU per worker trained ~30 % slower on a 2-core machine than
 giving each worker all its cores. So on CPU each worker gets
-`cpus_per_worker` (the profile's, or all cores / workers); on GPU each worker gets one GPU.
+`cpus_per_worker` (the profile's, or all cores / workers); on GPU each worker gets one GPU, or
+an equal share of the GPUs free when Serve replicas hold some (never a wait for GPUs that a
+running application will not release: too little free is an error).
 
 Resume is Ray Train's: a run is identified by `RunConfig(name, storage_path)`; starting a run
 whose storage already holds checkpoints makes `ray.train.get_checkpoint()` return the latest one
@@ -20,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimserve import hardware
 from slimserve.catalogue import TrainingDefaults
 
 # Simulates a crash: a run raises after this many steps of training (whatever was done since
 # its last checkpoint is lost, as in a real crash), so tests and demos can check that the next
 # attempt resumes from that checkpoint. Unset in normal use.
 INTERRUPT_ENV = "SLIMSERVE_INTERRUPT_AFTER_STEPS"
+# How long the GPU check waits for its trial reservation (an autoscaling cluster adding a GPU
+# node needs longer; the default only lets the local scheduler answer).
+GPU_WAIT_ENV = "SLIMSERVE_TRAIN_GPU_WAIT_S"
+MIN_SHARE = 0.05  # the smallest CPU or GPU share per worker reserved instead of failing
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class WorkerPlan:
     use_gpu: bool
     cpus_per_worker: float  # Ray's logical reservation (fractional when others hold CPUs)
     threads: int  # torch threads per worker
+    gpus_per_worker: float = 0.0  # 1 = a whole GPU; a fraction when others hold GPU shares
 
     @property
     def device(self) -> str:
@@ -57,30 +63,32 @@ def ensure_ray() -> None:
 def plan_workers(training: TrainingDefaults, workers: int | None = None) -> WorkerPlan:
     """Resolve the profile's training defaults against this cluster (call after `ensure_ray`).
 
-    `use_gpu: auto` means "when CUDA exists" (here or on the cluster's nodes);
+    `use_gpu: auto` means "when the Ray cluster has GPUs" (the workers run there, not here);
     `cpus_per_worker: None` means the cluster's CPUs divided by the workers, capped by what is
     free now (another job, e.g. a Serve replica, may hold some) so the trainer does not wait
     forever for CPUs nobody will release: under one free CPU per worker the reservation becomes
     that fraction (the threads stay at cores / workers; idle replicas leave the cores free), and
-    with less than 0.05 CPU free per worker this raises instead of waiting.
+    with less than 0.05 CPU free per worker this raises instead of waiting. GPUs follow the
+    same rule (`gpu_share`).
     """
     import ray
 
     n = workers or training.workers
     if training.use_gpu == "auto":
-        use_gpu = hardware.has_cuda() or ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     else:
         use_gpu = bool(training.use_gpu)
+    gpus = gpu_share(n) if use_gpu else 0.0
     if training.cpus_per_worker is not None:
         fixed = training.cpus_per_worker
-        return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=fixed, threads=fixed)
+        return WorkerPlan(n, use_gpu, cpus_per_worker=fixed, threads=fixed, gpus_per_worker=gpus)
     total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     free = float(ray.available_resources().get("CPU", 0.0))
     share = min(total, free) / n
     if share >= 1:
         cpus: float = int(share)
         threads = int(share)
-    elif share >= 0.05:
+    elif share >= MIN_SHARE:
         cpus = math.floor(share * 100) / 100
         threads = max(1, total // n)
     else:
@@ -88,17 +96,61 @@ def plan_workers(training: TrainingDefaults, workers: int | None = None) -> Work
             f"Ray has {free:.2f} of {total} CPUs free for {n} training worker(s): something else "
             "(e.g. Serve replicas) holds them. Stop it, or set training.cpus_per_worker."
         )
-    return WorkerPlan(workers=n, use_gpu=use_gpu, cpus_per_worker=cpus, threads=threads)
+    return WorkerPlan(n, use_gpu, cpus_per_worker=cpus, threads=threads, gpus_per_worker=gpus)
+
+
+def gpu_share(n: int) -> float:
+    """GPUs per worker for `n` GPU workers: 1 when that many are free, else an equal share of
+    what is free (rounded down to 0.01); raises when under 0.05 per worker is free, or when the
+    free capacity is split so that the shares do not fit single GPUs (a trial reservation
+    checks it), instead of letting Ray Train wait forever for GPUs Serve replicas hold."""
+    import ray
+
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    free = float(ray.available_resources().get("GPU", 0.0))
+    share = 1.0 if free >= n else math.floor(free / n * 100) / 100
+    advice = (
+        "something else (e.g. Serve replicas, which hold GPU shares) holds them. Stop it "
+        "(`serve shutdown`), or set training.use_gpu: false."
+    )
+    if share < MIN_SHARE:
+        raise RuntimeError(
+            f"Ray has {free:.2f} of {total:g} GPUs free for {n} training worker(s): {advice}"
+        )
+    if not gpus_fit(n, share):
+        raise RuntimeError(
+            f"Ray has {free:.2f} of {total:g} GPUs free, but not {share:g} of one GPU for each "
+            f"of {n} training worker(s) (the free shares are split across GPUs): {advice}"
+        )
+    return share
+
+
+def gpus_fit(n: int, share: float) -> bool:
+    """Whether `n` bundles of `share` GPU can be reserved now: a placement group that is
+    removed again at once (Ray Train then makes its own)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    wait_s = float(os.environ.get(GPU_WAIT_ENV, "5"))
+    group = placement_group([{"GPU": share}] * n)
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=wait_s)
+        return bool(ready)
+    finally:
+        remove_placement_group(group)
 
 
 def scaling_config(plan: WorkerPlan):
-    """`ScalingConfig` for `plan`: all of a worker's cores on CPU, one GPU each on GPU."""
+    """`ScalingConfig` for `plan`: the worker's CPUs, and on GPU its share (one GPU when free)."""
     from ray.train import ScalingConfig
 
+    resources = {"CPU": plan.cpus_per_worker}
+    if plan.use_gpu:
+        resources["GPU"] = plan.gpus_per_worker or 1.0
     return ScalingConfig(
         num_workers=plan.workers,
         use_gpu=plan.use_gpu,
-        resources_per_worker={"CPU": plan.cpus_per_worker},
+        resources_per_worker=resources,
     )
 
 
@@ -252,5 +304,6 @@ def training_details(outcome: JobOutcome, plan: WorkerPlan) -> dict[str, Any]:
         "workers": plan.workers,
         "device": plan.device,
         "cpus_per_worker": plan.cpus_per_worker,
+        "gpus_per_worker": plan.gpus_per_worker,
         "threads": plan.threads,
     }
