@@ -267,6 +267,7 @@ def run(workdir: Path) -> dict[str, Any]:
         initialize_head=True,
         head_node_args={
             "num_cpus": 1,
+            "num_gpus": 0,  # CPU nodes on any machine (tests/gpu_sim has GPU nodes)
             "resources": {"node_a": 1},
             "include_dashboard": True,  # the State API (and Ray Train's cleaner) need it
             "dashboard_port": free_port(),
@@ -276,7 +277,10 @@ def run(workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     try:
         cluster.add_node(
-            num_cpus=1, resources={"node_b": 1}, dashboard_agent_listen_port=free_port()
+            num_cpus=1,
+            num_gpus=0,
+            resources={"node_b": 1},
+            dashboard_agent_listen_port=free_port(),
         )
         cluster.wait_for_nodes()
         # Everything below (this driver, the State API, the `serve run` CLI) uses this cluster.
