@@ -16,7 +16,15 @@
 
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 ARG DEBIAN_IMAGE=debian:12.12-slim
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+# The GPU stack, in one place. The CUDA base image, torch's CUDA wheels (TORCH_CUDA, from
+# download.pytorch.org; torch's version is pyproject.toml's pin, the same in both images) and
+# TensorRT's tensorrt-cu<major> package must share a CUDA major version, and onnxruntime-gpu
+# must be a build for it too (tests/deploy/test_gpu_image.py checks what a file can show).
+ARG CUDA_VERSION=13.0.2
+ARG TORCH_CUDA=cu130
+ARG TENSORRT_VERSION=11.4.0.106
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
+ARG CUDA_IMAGE=nvidia/cuda:${CUDA_VERSION}-base-ubuntu24.04
 
 FROM ${UV_IMAGE} AS uv
 
@@ -35,25 +43,33 @@ RUN uv python install "${PYTHON_VERSION}" \
     && ln -s "$(uv python find --no-project "${PYTHON_VERSION}")" /opt/python/python3
 WORKDIR /app
 
-# CPU: torch's CPU wheel (PyPI's Linux torch is the CUDA build).
+# CPU: torch's CPU wheel (PyPI's Linux torch is the CUDA build), onnxruntime ([cpu] extra).
 FROM builder AS build-cpu
 ARG BUILD_ARTIFACTS=false
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
-    make venv PY="$(readlink -f /opt/python/python3)" \
+    make venv EXTRAS=dev,cpu PY="$(readlink -f /opt/python/python3)" \
     && .venv/bin/python deploy/gen_rayservice.py --bind-all serve_config.yaml \
     && mkdir -p artifacts \
     && if [ "${BUILD_ARTIFACTS}" = "true" ]; then make artifacts; fi
 
-# GPU: PyPI's torch (CUDA 13 wheels) and TensorRT for the same CUDA major version.
+# GPU: torch's CUDA wheel, onnxruntime-gpu ([gpu] extra) INSTEAD of onnxruntime (both install
+# the `onnxruntime` module, so they cannot live side by side) and TensorRT, all for CUDA_VERSION;
+# the last line fails the build if ORT lacks its CUDA provider or torch's CUDA differs.
 FROM builder AS build-gpu
 ARG BUILD_ARTIFACTS=false
-ARG TENSORRT_VERSION=11.4.0.106
+ARG CUDA_VERSION
+ARG TORCH_CUDA
+ARG TENSORRT_VERSION
+ARG ONNXRUNTIME_GPU_VERSION
+ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
-    make venv PY="$(readlink -f /opt/python/python3)" \
-    && .venv/bin/pip install -e ".[tensorrt]" "tensorrt==${TENSORRT_VERSION}" \
+    make venv EXTRAS=dev,gpu PY="$(readlink -f /opt/python/python3)" \
+    && .venv/bin/pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+        "tensorrt-cu${CUDA_VERSION%%.*}==${TENSORRT_VERSION}" \
+    && .venv/bin/python -c "import onnxruntime as o, torch; assert 'CUDAExecutionProvider' in o.get_available_providers(); assert torch.version.cuda.split('.')[0] == '${CUDA_VERSION%%.*}', torch.version.cuda" \
     && .venv/bin/python deploy/gen_rayservice.py --bind-all serve_config.yaml \
     && mkdir -p artifacts \
     && if [ "${BUILD_ARTIFACTS}" = "true" ]; then make artifacts; fi

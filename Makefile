@@ -10,13 +10,16 @@ STAMP := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
+# [cpu] = onnxruntime; the GPU image builds with EXTRAS=dev,gpu (onnxruntime-gpu instead).
+EXTRAS ?= dev,cpu
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv and install slimserve with [dev]
+venv: $(STAMP)  ## create .venv and install slimserve[dev,cpu] (EXTRAS=dev,gpu: onnxruntime-gpu instead)
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q

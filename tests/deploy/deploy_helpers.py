@@ -70,7 +70,7 @@ def stages(path: Path) -> list[Stage]:
     for ins in instructions(path.read_text()):
         if ins.keyword == "ARG" and not result:
             key, _, default = ins.args.partition("=")
-            args[key] = default
+            args[key] = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), default)
         elif ins.keyword == "FROM":
             parts = ins.args.split()
             base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), parts[0])

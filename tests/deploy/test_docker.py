@@ -117,15 +117,6 @@ def readme_text() -> str:
     return "\n".join([readme, *((ROOT / p).read_text() for p in linked if (ROOT / p).is_file())])
 
 
-def test_gpu_image_installs_the_tensorrt_extra(by_name: dict[str, Stage]):
-    build = " ".join(by_name["build-gpu"].all("RUN"))
-    assert '".[tensorrt]"' in build and '"tensorrt==${TENSORRT_VERSION}"' in build, build
-    pins = [a for a in by_name["build-gpu"].all("ARG") if a.startswith("TENSORRT_VERSION=")]
-    assert pins and re.fullmatch(r"TENSORRT_VERSION=\d+\.\d+\.\d+\.\d+", pins[0]), pins
-    cpu = " ".join(by_name["build-cpu"].all("RUN") + by_name["build-cpu"].all("ENV"))
-    assert "tensorrt" not in cpu and "download.pytorch.org/whl/cpu" in cpu
-
-
 def test_artifacts_are_mounted_or_baked_in(by_name: dict[str, Stage]):
     for build in BUILD_STAGES:
         run = " ".join(by_name[build].all("RUN"))
