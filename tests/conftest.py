@@ -11,6 +11,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The shared Ray's arguments; tests/gpu_sim stops it, runs its own Ray with logical GPUs and
+# restarts it with these (`shared_ray_args`), so the folders after it find it as it was.
+SHARED_RAY = {
+    "address": "local",
+    "num_cpus": 2,
+    "num_gpus": 0,
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "configure_logging": False,
+}
+
+
+@pytest.fixture(scope="session")
+def shared_ray_args() -> dict:
+    return dict(SHARED_RAY)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray shared by every test that needs it; shut down at the end of the run.
@@ -22,13 +39,6 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            num_gpus=0,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        ray.init(**SHARED_RAY)
     yield ray
     ray.shutdown()
