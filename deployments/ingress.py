@@ -31,9 +31,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from deployments import compare
+from deployments.admission import FullQueues
 from deployments.errors import (
     OVERLOADED,
     RETRYABLE,
@@ -104,6 +106,7 @@ class Ingress:
     ):
         self.models = models
         self._lost_at = -math.inf  # monotonic time a replica was last seen lost
+        self.queues = FullQueues()  # variants whose queue was full a moment ago
         self.settings = IngressSettings.model_validate(settings)
         self.cards = [ModelCard.model_validate(c) for c in catalogue["cards"]]
         self.profile: str = catalogue["profile"]
@@ -133,6 +136,14 @@ class Ingress:
             msg = f"model {model!r} does not exist; deployed: {deployed}"
         raise ApiError(404, msg, param="model")
 
+    def admit(self, model: str) -> DeploymentHandle:
+        """`handle(model)`, or at once the 503 of a queue that was full a moment ago (outside
+        the outage window, where a full queue is waited out instead)."""
+        handle = self.handle(model)
+        if time.monotonic() - self._lost_at >= OUTAGE_WINDOW_S:
+            self.queues.check(model)
+        return handle
+
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
 
@@ -142,7 +153,9 @@ class Ingress:
     def _timeout(self) -> ApiError:
         return ApiError(408, f"request timed out after {self.settings.request_timeout_s:g}s")
 
-    async def call(self, make: Callable[[], DeploymentResponse], deadline: float) -> Any:
+    async def call(
+        self, make: Callable[[], DeploymentResponse], deadline: float, model: str | None = None
+    ) -> Any:
         """Await one non-streamed replica call; map Serve's failures to HTTP errors.
 
         A replica that dies under a request (killed, crashed, OOM) loses it, and Serve does not
@@ -150,7 +163,7 @@ class Ingress:
         until RETRY_ATTEMPTS tries have met a dead replica, and never past the deadline.
         Overload (a full queue) is not retried (the client gets its 503 at once), except
         within OUTAGE_WINDOW_S of a lost replica, when the surviving replicas' queues fill only
-        because one replica is gone.
+        because one replica is gone. `model` names the variant, for `queues`.
         """
         lost = 0  # tries that met a dead replica
         while True:
@@ -168,9 +181,21 @@ class Ingress:
             except Exception as exc:
                 lost += isinstance(exc, RETRYABLE)
                 if not await self._retry(exc, lost, deadline):
-                    raise unavailable(exc) from exc
+                    raise self._give_up(exc, model) from exc
                 continue
+            if model is not None:
+                self.queues.freed(model)
             return result
+
+    def _give_up(self, exc: Exception, model: str | None) -> Exception:
+        """The error a failed call ends with; a full queue is remembered for `admit`."""
+        err = unavailable(exc)
+        if model is not None:
+            if isinstance(exc, BackPressureError) and isinstance(err, ApiError):
+                self.queues.full(model, err)
+            else:
+                self.queues.freed(model)
+        return err
 
     async def _retry(self, exc: Exception, attempt: int, deadline: float) -> bool:
         """Whether a failed call may go again (after a short backoff that fits the deadline);
@@ -196,7 +221,7 @@ class Ingress:
         return True
 
     async def open_stream(
-        self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float
+        self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float, model: str
     ) -> tuple[DeploymentResponseGenerator, list[Event]]:
         """Start a streamed call and wait for the events of its first SSE frame.
 
@@ -219,7 +244,7 @@ class Ingress:
                 _cancel(gen)
                 lost += isinstance(exc, RETRYABLE)
                 if not await self._retry(exc, lost, deadline):
-                    raise unavailable(exc) from exc
+                    raise self._give_up(exc, model) from exc
 
     async def _first_frame(self, gen: DeploymentResponseGenerator, deadline: float) -> list[Event]:
         """The replica's events up to the first that makes a frame (a delta or the end)."""
@@ -269,13 +294,14 @@ class Ingress:
         finally:
             if not finished:
                 _cancel(gen)
+            self.queues.freed(fmt.model)
         yield DONE
 
     async def generation(
         self, kind: Kind, body: CompletionRequest | ChatCompletionRequest
     ) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
         deadline = self.deadline()
-        handle = self.handle(body.model)
+        handle = self.admit(body.model)
         if isinstance(body, ChatCompletionRequest):
             payload = job(body.prompt_text(), sampling(body, [CHAT_STOP]), body.n)
         else:
@@ -283,7 +309,7 @@ class Ingress:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            gen, first = await self.open_stream(handle, payload, deadline)
+            gen, first = await self.open_stream(handle, payload, deadline, body.model)
             usage = bool(body.stream_options and body.stream_options.include_usage)
             fmt = ChunkFormatter(kind, rid, body.model, body.n, usage)
             return StreamingResponse(
@@ -291,7 +317,7 @@ class Ingress:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result = await self.call(lambda: handle.generate.remote(payload), deadline)
+        result = await self.call(lambda: handle.generate.remote(payload), deadline, body.model)
         usage, timings = Usage(**result["usage"]), Timings(**result["timings"])
         if kind == "chat":
             chat = [
@@ -317,10 +343,11 @@ class Ingress:
         t0 = time.perf_counter()
         name = body.model or (self.teacher if self.teacher in self.models else None)
         name = name or next(iter(self.models), self.teacher)
-        handle = self.handle(name)
+        handle = self.admit(name)
         result = await self.call(
             lambda: handle.next_token.remote(body.prompt, body.top_k, body.max_new_tokens),
             self.deadline(),
+            name,
         )
         top = [TokenProb(**t) for t in result["top_k"]]
         return InferResponse(

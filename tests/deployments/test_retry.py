@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import ray
 from serve_helpers import ServeUrls, wait_until
 
 from reliability import replicas
@@ -43,7 +42,8 @@ def retry_url(serve_urls: ServeUrls, tmp_path_factory) -> Iterator[str]:
     try:
         yield f"{serve_urls.main}/{APP}"
     finally:
-        serve.delete(APP)
+        with contextlib.suppress(Exception):  # Serve may be stopped already (conftest.py)
+            serve.delete(APP)
 
 
 def lose_busy_replica(lose: Callable[[str], object]) -> str:
@@ -70,30 +70,28 @@ def test_non_streamed_requests_survive_a_lost_replica(retry_url, lose):
         replicas.wait_replaced(APP, "student", gone, count=2)
 
 
-def test_stream_that_loses_its_replica_ends_with_an_error_event_and_done(retry_url):
-    """Both replicas are killed as soon as the stream's headers arrive (the tiny model is fast
-    enough that a poll for the busy one could come too late); four choices of 1000 tokens
-    keep the replica generating meanwhile. The stream must end with an error event and
-    [DONE], not hang. Runs last: the app is left to Serve's restarts."""
-    actors = []
-    for name in replicas.replica_names(APP, "student"):  # one may be dead or starting
-        try:
-            actors.append(replicas.actor(name))
-        except ValueError:
-            continue
-    body = {**BODY, "stream": True, "n": 4}
-    with httpx.stream("POST", f"{retry_url}/v1/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for a in actors:
-            with contextlib.suppress(Exception):  # already gone
-                ray.kill(a, no_restart=True)
-        frames = [
-            line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")
-        ]
-    assert frames[-1] == "[DONE]"
-    error = json.loads(frames[-2])["error"]
-    assert error["code"] == 503 and "lost" in error["message"], error
-    assert len(frames) < 4000  # ended early, not by finishing the generation
+def test_stream_that_loses_its_replica_before_its_first_frame_is_retried(retry_url):
+    """A stream whose replica is lost before the stream's first frame is sent again on the
+    other replica: the client sees one clean stream. (The tiny test model's greedy text is
+    bytes that never complete a character, so its first frame only comes with the end of
+    generation and the whole generation is "before the first frame". The case of a replica
+    lost after the first frame is tested without Serve below.)"""
+    wait_until(lambda: replicas.running(APP, "student") >= 2, timeout=120, what="2 replicas")
+    body = {**BODY, "stream": True, "n": 4, "stream_options": {"include_usage": True}}
+
+    def read() -> tuple[int, list[str]]:
+        url = f"{retry_url}/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=90) as r:
+            lines = [ln.removeprefix("data: ") for ln in r.iter_lines() if ln.startswith("data:")]
+            return r.status_code, lines
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(read)
+        lose_busy_replica(replicas.kill)
+        status, frames = future.result()
+    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
+    assert not any('"error"' in f for f in frames), [f for f in frames if '"error"' in f]
+    assert json.loads(frames[-2])["usage"]["completion_tokens"] == 4 * BODY["max_tokens"]
 
 
 def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
@@ -196,11 +194,13 @@ def gate(monkeypatch):
     from types import SimpleNamespace
 
     import deployments.ingress as ingress
+    from deployments.admission import FullQueues
 
     monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
     monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.001)
     g = object.__new__(ingress.Ingress.func_or_class)
     g._lost_at = float("-inf")
+    g.queues = FullQueues()
     g.settings = SimpleNamespace(request_timeout_s=60)
     g.far = time.monotonic() + 60
     return g
@@ -229,7 +229,7 @@ def test_stream_before_its_first_frame_is_retried_like_a_non_streamed_call(gate)
     lost_after_start = FakeStream(START, ActorDiedError())  # gone before its first token
     served = FakeStream(START, DELTA, END)
     handle = FakeHandle(full_queue_stream(), FakeStream(QUEUE_FULL), lost_after_start, served)
-    stream, first = asyncio.run(gate.open_stream(handle, {}, gate.far))
+    stream, first = asyncio.run(gate.open_stream(handle, {}, gate.far, "student"))
     assert handle.calls == 4 and stream is served and first == [START, DELTA]
     assert lost_after_start.cancelled
     frames = body_of(gate, stream, first)
@@ -249,7 +249,7 @@ def test_stream_with_a_full_queue_outside_the_outage_window_gets_an_enveloped_50
     ]:
         handle = FakeHandle(stream)
         with pytest.raises(ApiError) as caught:
-            asyncio.run(gate.open_stream(handle, {}, gate.far))
+            asyncio.run(gate.open_stream(handle, {}, gate.far, "student"))
         data = caught.value.data
         assert handle.calls == 1 and data["status"] == 503, data
         assert data["message"].startswith(message) and data["headers"].get("Retry-After") == (
@@ -265,7 +265,7 @@ def test_stream_that_loses_its_replica_after_a_frame_ends_with_error_and_done(ga
 
     stream = FakeStream(START, DELTA, ActorDiedError())
     handle = FakeHandle(stream)
-    opened, first = asyncio.run(gate.open_stream(handle, {}, gate.far))
+    opened, first = asyncio.run(gate.open_stream(handle, {}, gate.far, "student"))
     frames = body_of(gate, opened, first)
     assert json.loads(frames[0].removeprefix("data: "))["choices"][0]["text"] == "hi"
     error = json.loads(frames[1].removeprefix("data: "))["error"]

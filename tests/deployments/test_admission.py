@@ -1,0 +1,98 @@
+"""A variant Serve just reported full is answered 503 by the ingress itself (no router call)
+for a moment, never within the outage window after a lost replica. No Serve: the ingress's
+methods run against fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+import deployments.ingress as ingress
+from deployments.admission import FullQueues
+from deployments.errors import ApiError
+
+
+class Handle:
+    """`handle.generate.remote(...)`: counts the calls; each fails with a full queue or
+    returns `reply`."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.full = True
+        self.generate = self
+
+    def remote(self) -> object:
+        self.calls += 1
+        full, reply = self.full, {"choices": []}
+
+        async def answer() -> object:
+            if full:
+                raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+            return reply
+
+        return answer()
+
+
+@pytest.fixture
+def gate():
+    g = object.__new__(ingress.Ingress.func_or_class)
+    g._lost_at = float("-inf")
+    g.queues = FullQueues(recheck_s=60)
+    g.settings = SimpleNamespace(request_timeout_s=60)
+    g.models = {"student": Handle()}
+    g.cards = []
+    return g
+
+
+def request(gate) -> object:
+    """What `generation` does: admit, then call the replica."""
+
+    async def go() -> object:
+        handle = gate.admit("student")
+        return await gate.call(handle.generate.remote, time.monotonic() + 60, "student")
+
+    return asyncio.run(go())
+
+
+@pytest.mark.timeout(10)
+def test_a_full_variant_is_answered_without_asking_serve_again(gate):
+    handle = gate.models["student"]
+    answers = []
+    for _ in range(3):
+        with pytest.raises(ApiError) as caught:
+            request(gate)
+        answers.append(caught.value.data)
+    assert handle.calls == 1  # only the first asked Serve's router
+    assert all(a["status"] == 503 and a["headers"]["Retry-After"] == "1" for a in answers)
+    assert answers[0] == answers[2]
+    gate.queues.freed("student")  # a request to it ended: ask again
+    handle.full = False
+    assert request(gate) == {"choices": []} and handle.calls == 2
+
+
+@pytest.mark.timeout(10)
+def test_in_the_outage_window_a_full_variant_is_asked_again(gate, monkeypatch):
+    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
+    handle = gate.models["student"]
+    with pytest.raises(ApiError):
+        request(gate)
+    gate._lost_at = time.monotonic()  # a replica was lost: full queues are waited out
+    handle.full = False
+    assert request(gate) == {"choices": []} and handle.calls == 2
+
+
+@pytest.mark.timeout(10)
+def test_the_memory_of_a_full_queue_expires():
+    queues = FullQueues(recheck_s=0.05)
+    queues.full("student", ApiError(503, "full"))
+    with pytest.raises(ApiError):
+        queues.check("student")
+    queues.check("teacher")  # other variants are not affected
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.05:  # the recheck interval itself is what is tested
+        time.sleep(0.01)
+    queues.check("student")
