@@ -6,7 +6,9 @@ third of the run the busiest replica is lost. The ingress retries the non-stream
 it had in flight, and the streams that had not sent their first frame, on the other replica;
 the streams already under way end with an error event and `[DONE]`. Figures: sent, ok,
 failed by status, lost, and the seconds until Serve's replacement replica is RUNNING again.
-Target: 0 lost, 0 failed non-streamed requests.
+Target: 0 lost, 0 failed non-streamed requests, 0 streams refused (failed before their first
+frame, which the ingress retries like a non-streamed call); a stream already under way when its
+replica dies cannot be retried and is counted apart (`stream_failed_mid_stream`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def fault_run(
         "plain_failed": plain["failed"],
         "plain_lost": plain["lost"],
         "stream_failed": streamed["failed"],
+        "stream_failed_mid_stream": streamed["failed_mid_stream"],
         "stream_lost": streamed["lost"],
         "failed_by_status": _merge(plain["failed_by_status"], streamed["failed_by_status"]),
         "in_flight_on_lost_replica": record.get("in_flight_on_lost_replica"),

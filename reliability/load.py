@@ -1,8 +1,9 @@
 """An open-loop HTTP load generator that accounts for every request it sends.
 
 Each request ends in exactly one outcome: `ok`, `failed` (an HTTP error status, or a stream
-that ended with an error event and `[DONE]`), or `lost` (no answer at all: the connection
-broke, the client's own deadline passed, or a stream stopped without `[DONE]`). Arrivals are
+that ended with an error event and `[DONE]`: `mid_stream`, it had started), or `lost` (no
+answer at all: the connection broke, the client's own deadline passed, or a stream stopped
+without `[DONE]`). Arrivals are
 scheduled at a fixed rate regardless of how fast answers come back (open loop), so a slow
 or dead replica shows up as queueing and errors instead of quietly lowering the offered load.
 """
@@ -29,6 +30,7 @@ class Outcome:
     status: int | None = None  # HTTP status, or the stream's error event code
     retry_after: str | None = None
     detail: str = ""
+    mid_stream: bool = False  # a stream that failed after its status line (an error event)
 
     def label(self) -> str:
         """`503 server overloaded`: the status and the start of the error message, so a
@@ -59,6 +61,7 @@ class Tally:
             "ok": sum(o.result == "ok" for o in rows),
             "failed": sum(failed.values()),
             "failed_by_status": dict(sorted(failed.items())),
+            "failed_mid_stream": sum(o.result == "failed" and o.mid_stream for o in rows),
             "lost": sum(o.result == "lost" for o in rows),
         }
 
@@ -127,7 +130,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: 
         return Outcome("stream", start - t0, latency, "lost", None, None, "no [DONE]")
     if error is not None:
         detail = json.dumps({"error": error})
-        return Outcome("stream", start - t0, latency, "failed", error.get("code"), None, detail)
+        code = error.get("code")
+        return Outcome("stream", start - t0, latency, "failed", code, None, detail, True)
     return Outcome("stream", start - t0, latency, "ok", 200)
 
 

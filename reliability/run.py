@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             verdicts["faults: 0 failed non-streamed"] = all(
                 r["plain_failed"] == 0 for r in fault_rows
             )
+            verdicts["faults: 0 streams failed before their first frame"] = all(
+                r["stream_failed"] == r["stream_failed_mid_stream"] for r in fault_rows
+            )
         if "overload" in a.phases:
             notes.append(f"load average before overload: {_load()}")
             over = overload.overload_run(
