@@ -101,3 +101,12 @@ PEERS_ARGS ?=
 # and an older transformers. PEERS_ARGS passes options, e.g. "--concurrency 1 4 --no-big".
 bench-peers: $(STAMP)  ## slimserve vs vLLM vs the Flask baseline, same weights, tiny + 124M-shaped -> reports/bench_peers.*
 	$(BIN)/python -m bench.peers --config $(CONFIG) $(PEERS_ARGS)
+
+.PHONY: gpu-smoke
+
+# No Ray and no install step: the GPU machine's Python with torch, transformers, onnx,
+# onnxruntime(-gpu) and pydantic (tensorrt optional); .venv's when there is one.
+GPU_SMOKE_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-smoke:  ## GPU smoke run: PASS / FAIL / SKIP per GPU path -> reports/gpu_smoke.{json,md} (<= 8 min)
+	PYTHONPATH=. $(GPU_SMOKE_PY) -m bench.gpu_smoke --out reports
