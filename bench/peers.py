@@ -22,15 +22,16 @@ import json
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.engine_bench import PROMPTS
-from bench.peer_vllm import PeerError, install, start_vllm
+from bench.peer_vllm import PeerError, install, last_error, start_vllm
 from bench.run_all import BenchPlan, _serve_threads, start_serve
 from bench.serving import CpuMeter, LevelResult, free_port, run_levels
+from slimserve.tokenizer import load_tokenizer
 
 Races = dict[str, list[LevelResult]]
 
@@ -83,7 +84,7 @@ def _start_peer(stack, plan, peer, folder: Path, name: str, extra: dict[str, int
     """
     import psutil
 
-    if not str(peer["status"]).startswith(("installed", "ran")):
+    if peer["status"] != "installed":
         return None
     log = Path(plan.reports_dir) / "raw" / f"vllm-{name}.log"  # reports/raw/ is not committed
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +94,11 @@ def _start_peer(stack, plan, peer, folder: Path, name: str, extra: dict[str, int
             start_vllm(plan.venv, folder, name=name, port=free_port(), log=log)
         )
     except PeerError as exc:
-        peer["status"] = f"not started ({name}): {exc}"
+        peer[f"run ({name})"] = f"not started: {exc}"
         return None
-    peer["status"] = "ran"
+    peer[f"run ({name})"] = "ran"
     peer[f"start_s ({name})"] = round(time.monotonic() - t0, 1)
+    peer[f"log ({name})"] = str(log)
     extra["vllm"] = server.pid
     for i, child in enumerate(psutil.Process(server.pid).children(recursive=True), 1):
         extra[f"vllm:{i}"] = child.pid
@@ -107,19 +109,63 @@ def _vllm_roles(extra: dict[str, int]) -> frozenset[str]:
     return frozenset(k for k in extra if k.startswith("vllm"))
 
 
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def vllm_alive(extra: dict[str, int]) -> Callable[[], bool]:
+    """True while the server and every process it had started (the engine core) still run."""
+    pids = [pid for role, pid in extra.items() if role.startswith("vllm")]
+    return lambda: all(_running(pid) for pid in pids)
+
+
+def mark_dead(peer: dict[str, Any], name: str) -> None:
+    """The peer died during the race on `name`: its row says so, with the error from its log."""
+    why = last_error(peer[f"log ({name})"])
+    peer[f"run ({name})"] = f"died during the race: {why or 'no error in its log'}"
+
+
+class PeerMeter(CpuMeter):
+    """The load generator's CPU meter, but a process that has exited (a peer that died during
+    the race) is forgotten instead of failing the snapshot."""
+
+    def snapshot(self) -> dict[str, float]:
+        import psutil
+
+        for _ in range(3):
+            self.extra = {k: pid for k, pid in self.extra.items() if _running(pid)}
+            try:
+                return super().snapshot()
+            except psutil.NoSuchProcess:
+                continue
+        return super().snapshot()
+
+
 def race(
     servers: dict[str, tuple[str, str]],
     plan: PeersPlan,
     concurrencies: Sequence[int],
     meter: CpuMeter,
     own: dict[str, frozenset[str]],
+    alive: dict[str, Callable[[], bool]] | None = None,
 ) -> Races:
     """label -> (URL, model name): one `run_levels` call per level and label, so the servers
-    take turns level by level even though they serve the model under different names."""
+    take turns level by level even though they serve the model under different names.
+
+    A server whose `alive` check fails after one of its levels is left out of the rest.
+    """
     out: Races = {label: [] for label in servers}
+    gone: set[str] = set()
     for stream in (False, True):
         for conc in concurrencies:
             for label, (url, model) in servers.items():
+                if label in gone:
+                    continue
                 got = run_levels(
                     {label: url},
                     model=model,
@@ -132,6 +178,9 @@ def race(
                     own=own,
                 )
                 out[label] += got[label]
+                if label in (alive or {}) and not alive[label]():
+                    print(f"{label} has exited: left out of the remaining levels", flush=True)
+                    gone.add(label)
     return out
 
 
@@ -143,34 +192,42 @@ def _post(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str,
         return json.loads(r.read())
 
 
-def compare_greedy(slim: str, vllm: str, model: str, max_tokens: int) -> list[dict[str, Any]]:
-    """Each prompt's greedy token ids from slimserve and vLLM, and where they part."""
+def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[:-1] if ids and eos is not None and ids[-1] == eos else ids
+
+
+def compare_greedy(
+    slim: str, vllm: str, model: str, max_tokens: int, eos: int | None = None
+) -> list[dict[str, Any]]:
+    """Each prompt's greedy token ids from slimserve and vLLM, and where they part.
+
+    vLLM's `token_ids` end with the end-of-text token when it stopped on it; slimserve's never
+    hold it. So a trailing `eos` is dropped from both before comparing.
+    """
     rows = []
     for prompt in PROMPTS:
+        row: dict[str, Any] = {"model": model, "prompt": prompt, "identical": False}
         try:
             ours = _post(f"{slim}/compare", {"prompt": prompt, "models": [model]} | {
                 "max_tokens": max_tokens, "warmup": False,
             })["results"][0]["token_ids"]  # fmt: skip
             theirs = _post(f"{vllm}/v1/completions", {"model": model, "prompt": prompt} | {
                 "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
-            })["choices"][0].get("token_ids")  # fmt: skip
-        except (OSError, ValueError, KeyError, IndexError) as exc:
-            rows.append({"model": model, "prompt": prompt, "identical": False} | {
-                "error": str(exc)[:120],
-            })  # fmt: skip
+            })["choices"][0]["token_ids"]  # fmt: skip
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:160]})
             continue
-        theirs = list(theirs or [])
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
-        common = min(len(ours), len(theirs)) if same is None else same
+        ours, theirs = _strip_eos(list(ours), eos), _strip_eos(list(theirs or ()), eos)
+        pairs = zip(ours, theirs, strict=False)
+        part = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
         rows.append(
-            {
-                "model": model,
-                "prompt": prompt,
+            row
+            | {
                 "slimserve_tokens": len(ours),
                 "vllm_tokens": len(theirs),
-                "matching_prefix": common,
-                "identical": ours == theirs and bool(ours),
-                "error": None if theirs else "vLLM returned no token_ids",
+                "matching_prefix": min(len(ours), len(theirs)) if part is None else part,
+                "identical": ours == theirs,
+                "error": None,
             }
         )
     return rows
@@ -209,9 +266,13 @@ def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[st
         extra["baseline"] = base.pid
         plan.load("student: servers up")
         own = {"baseline": frozenset({"baseline"}), "vllm": _vllm_roles(extra)}
-        levels = race(servers, plan, plan.concurrencies, CpuMeter(extra), own)
-        if vllm:
-            greedy = compare_greedy(slim, vllm, plan.variant, plan.compare_tokens)
+        alive = {"vllm": vllm_alive(extra)}
+        levels = race(servers, plan, plan.concurrencies, PeerMeter(extra), own, alive)
+        if vllm and not alive["vllm"]():
+            mark_dead(peer, plan.variant)
+        elif vllm:
+            eos = load_tokenizer(folder).eos_token_id
+            greedy = compare_greedy(slim, vllm, plan.variant, plan.compare_tokens, eos)
         plan.load("student: after the race")
     return levels, greedy
 
@@ -234,8 +295,14 @@ def run_big(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[str
             servers["vllm"] = (vllm, TORCH_VARIANT)
         plan.load("124M: servers up")
         own = {"vllm": _vllm_roles(extra)}
-        levels = race(servers, plan, plan.big_concurrencies, CpuMeter(extra), own)
-        greedy = compare_greedy(slim, vllm, TORCH_VARIANT, plan.compare_tokens) if vllm else []
+        alive = {"vllm": vllm_alive(extra)}
+        levels = race(servers, plan, plan.big_concurrencies, PeerMeter(extra), own, alive)
+        greedy = []
+        if vllm and not alive["vllm"]():
+            mark_dead(peer, TORCH_VARIANT)
+        elif vllm:
+            eos = load_tokenizer(built[TORCH_VARIANT]).eos_token_id
+            greedy = compare_greedy(slim, vllm, TORCH_VARIANT, plan.compare_tokens, eos)
         plan.load("124M: after the race")
     return levels, greedy
 

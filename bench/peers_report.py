@@ -172,8 +172,11 @@ def peers_report(
         "with the student's settings), vLLM's OpenAI server (float32, max-model-len 128) from "
         "its own venv, the Flask baseline (tiny student only) with 2 torch threads.",
     ]
-    if peer.get("status") != "ran":
+    if peer.get("status") != "installed":
         notes.append(f"vLLM did not run: {peer.get('status')}. Its columns are empty.")
+    for key, value in peer.items():
+        if key.startswith("run (") and value != "ran":
+            notes.append(f"vLLM, {key[5:-1]}: {value}")
     for model in dict.fromkeys(g.get("model") for g in greedy):
         rows = [g for g in greedy if g.get("model") == model]
         same = sum(1 for g in rows if g["identical"])

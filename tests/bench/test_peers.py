@@ -14,9 +14,10 @@ import yaml
 from bench import peer_vllm
 from bench.bench_model import ONNX_VARIANT, TORCH_VARIANT, serve_config_for
 from bench.peer_vllm import PeerError, install, requirements, start_vllm
-from bench.peers import PeersPlan, parse_args, peer_status
+from bench.peers import PeerMeter, PeersPlan, parse_args, peer_status, race
 from bench.peers_report import peers_report, side_by_side, targets
 from bench.run_all import BenchPlan
+from bench.serving import LevelResult
 from slimserve.reports import read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,63 @@ def test_peer_that_cannot_start_is_a_reason(tmp_path):
         pass
 
 
+def test_last_error_finds_the_servers_own_error(tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(EngineCore pid=1) ERROR core.py:1512] Traceback (most recent call last):\n"
+        "(EngineCore pid=1) ERROR core.py:1512] RuntimeError: Worker failed with error 'x'\n"
+        "UserWarning: resource_tracker: leaked semaphore\n"
+    )
+    assert peer_vllm.last_error(log) == "RuntimeError: Worker failed with error 'x'"
+    assert peer_vllm.last_error(tmp_path / "none.log") is None
+
+
+def test_race_leaves_out_a_server_that_died(monkeypatch):
+    calls: list[tuple[str, bool, int]] = []
+
+    def fake_levels(servers, *, model, concurrencies, streams, **_):
+        (label,) = servers
+        calls.append((label, streams[0], concurrencies[0]))
+        return {label: [LevelResult(concurrencies[0], streams[0], 1.0)]}
+
+    monkeypatch.setattr("bench.peers.run_levels", fake_levels)
+    servers = {"slimserve": ("u", "m"), "vllm": ("v", "m")}
+    plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
+    levels = race(servers, plan, (1, 4), PeerMeter({}), {}, {"vllm": lambda: False})
+    assert len(levels["slimserve"]) == 4 and len(levels["vllm"]) == 1
+    assert calls[:3] == [("slimserve", False, 1), ("vllm", False, 1), ("slimserve", False, 4)]
+
+
+def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
+    from bench import peers
+
+    replies = {"The river flows": ([4, 5, 6], [4, 5, 6, 9]), "He said": ([4, 5], [4, 7, 9])}
+
+    def fake_post(url, body, timeout_s=120.0):
+        if body["prompt"] not in replies:
+            raise OSError("connection refused")
+        ours, theirs = replies[body["prompt"]]
+        if url.endswith("/compare"):
+            return {"results": [{"token_ids": ours}]}
+        assert body["return_token_ids"] is True and body["temperature"] == 0
+        return {"choices": [{"token_ids": theirs}]}
+
+    monkeypatch.setattr(peers, "_post", fake_post)
+    rows = {r["prompt"]: r for r in peers.compare_greedy("s", "v", "m", 8, eos=9)}
+    assert rows["The river flows"]["identical"] is True
+    said = rows["He said"]
+    assert said["identical"] is False and said["matching_prefix"] == 1
+    assert (said["slimserve_tokens"], said["vllm_tokens"]) == (2, 2)
+    assert rows["A"]["error"] == "OSError: connection refused" and not rows["A"]["identical"]
+
+
+def test_peer_meter_forgets_an_exited_process():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    meter = PeerMeter({"vllm": proc.pid})
+    assert "vllm" not in meter.snapshot() and "client" in meter.snapshot()
+
+
 def test_server_command_and_env():
     cmd = peer_vllm.server_command(Path("/v/bin/python"), Path("/m"), "student", 8123, 128)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -184,7 +242,7 @@ def test_report_with_and_without_the_peer(tmp_path):
     settings = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
     tiny = {"slimserve": _rows(100, 50), "vllm": _rows(50, 100)}
     greedy = [{"model": "m", "prompt": p, "identical": p == "a"} for p in "ab"]
-    peer = {"peer": "vLLM", "status": "ran", "version": "0.32.0"}
+    peer = {"peer": "vLLM", "status": "installed", "version": "0.32.0", "run (m)": "ran"}
     report = peers_report(tiny, {}, peer=peer, greedy=greedy, settings=settings, command="test")
     assert any("(m): 1 of 2 prompts identical" in n for n in report.notes)
     assert report.machine and report.versions  # stamped
@@ -192,6 +250,10 @@ def test_report_with_and_without_the_peer(tmp_path):
     loaded = read_report(paths[0])
     assert loaded.report is not None and loaded.report.name == "bench_peers"
     assert "vllm_tok_s" in loaded.report.tables[1].columns
+    assert not any(n.startswith("vLLM") for n in report.notes)
+    died = peer | {"run (m)": "died during the race: RuntimeError: head_dim=16"}
+    report = peers_report(tiny, {}, peer=died, greedy=[], settings=settings, command=None)
+    assert "vLLM, m: died during the race: RuntimeError: head_dim=16" in report.notes
     missing = {"peer": "vLLM", "status": "not installed: offline"}
     lone = {"slimserve": _rows(100, 50)}
     report = peers_report(lone, {}, peer=missing, greedy=[], settings=settings, command=None)
