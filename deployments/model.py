@@ -7,24 +7,24 @@ itself adds only what Serve needs: methods the ingress calls through handles, he
 live batch settings (`reconfigure`) and per-variant metrics. Client faults come back as data
 (`deployments.messages`), so the ingress can answer 4xx before it starts a stream.
 
-Streamed tokens are coalesced under load. Every event a replica yields crosses two Ray hops
+Streamed tokens are coalesced under load. Every event a replica yields crosses two hops
 (replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
-not per token: measured on the tiny profile (2 cores, 16 streams; reports/bench_serving.md) about 2 ms
-of CPU per event across the hops against ~0.6 ms per token for the replica's model step, so one
-event per token spends most of a 2-core machine on moving events. With R requests running and
-`STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every ceil(R / F)
-tokens, so a replica emits about F events per engine step however many streams it runs (vLLM's
-`stream_interval`, scaled with the load). With R <= F every token is its own event, as before;
-the first delta always goes at once (time to first token is unchanged), the last one (with
-`finish_reason`) too. The text is the same; only the number of SSE frames it arrives in
-changes. Live via `reconfigure` (`stream_frames_per_step`; 0 turns coalescing off).
+not per token: an event costs the three processes together about as much CPU as the model
+step spends on a whole row, so one event per token would spend most of a small machine on
+moving events (reports/profile_serving.md has the per-process profile). With R requests
+running and `STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every
+ceil(R / F) tokens, so a replica emits about F events per engine step however many streams it
+runs (vLLM's `stream_interval`, scaled with the load): at 16 streams, one event per 8 tokens.
+With R <= F every token is its own event; the first delta always goes at once (time to first
+token is unchanged), the last one (with `finish_reason`) too. The text is the same; only the
+number of SSE frames it arrives in changes. Live via `reconfigure` (`stream_frames_per_step`;
+0 turns coalescing off).
 
 Light load gets a time rule instead: after the first delta, a request's deltas go at most every
-`STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell). With one
-stream on the tiny student a token takes ~2.5 ms, so one frame per token spent ~1.5 ms of hop
-CPU per token and made a streamed request ~60 % slower end to end than a non-streamed one
-(reports/bench_serving.md); 20 ms frames carry ~7 tokens each. The first delta and the last still go at
-once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns it off).
+`STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell), so a
+lone stream sends a few tokens per frame instead of paying the hops for every token. The first
+delta and the last still go at once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns
+it off).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ log = logging.getLogger("ray.serve")
 
 Event = dict[str, Any]
 
-STREAM_FRAMES_PER_STEP = 4
+STREAM_FRAMES_PER_STEP = 2
 """About how many streamed events a replica sends per engine step (0 = one per token)."""
 STREAM_MIN_INTERVAL_MS = 20.0
 """A request's deltas after its first go at most this often (0 = no time rule)."""
