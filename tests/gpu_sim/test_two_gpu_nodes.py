@@ -29,7 +29,10 @@ def spread(two_gpu_nodes, tmp_path_factory) -> Iterator[dict[str, Any]]:
         patch.setattr(app_module, "gpu_runtime_missing", lambda runtime: None)  # CUDA builds
         profile, root = tiny_torch_store(tmp_path_factory.mktemp("gpusim2"))
         port = free_port()
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
+        # One HTTP proxy (on the head) is enough for the test and starts one process less.
+        serve.start(
+            proxy_location="HeadOnly", http_options=HTTPOptions(host="127.0.0.1", port=port)
+        )
         args = {
             "config": str(profile),
             "artifacts_dir": str(root),
