@@ -23,6 +23,7 @@ from typing import Any
 from reliability import broken, faults, hostile, overload, soak
 
 APP = "reliability"
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 PHASES = ("broken", "hostile", "faults", "overload", "soak")
 BODY = {"prompt": "The Python interpreter", "max_tokens": 16, "temperature": 0.7}
 
@@ -68,6 +69,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def serve_env(path: Path = SERVE_CONFIG) -> dict[str, str]:
+    """Ray Serve's request-path switches that `serve run serve_config.yaml` gives the controller
+    (`controller_options.runtime_env.env_vars`), so this run measures the same request path."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    runtime_env = (config.get("controller_options") or {}).get("runtime_env") or {}
+    return {k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
+
+
 def _serve(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Ray + Serve on 127.0.0.1, the variant under test with two replicas; (url, settings)."""
     import socket
@@ -79,6 +90,7 @@ def _serve(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from deployments.app import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.update(serve_env())  # before Ray starts: every Ray process inherits them
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = Path(catalogue["machine"]["artifacts"])
     notes = [f"load average at start: {_load()} (2-core machine shared with other jobs)"]
+    notes.append(f"Serve switches from serve_config.yaml: {serve_env() or 'none'}")
     tables: list[Table] = []
     t_start = time.monotonic()
 
