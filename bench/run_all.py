@@ -128,7 +128,11 @@ def start_serve(
     url = f"http://127.0.0.1:{port}"
     try:
         client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+            # The request-path settings (environment of the proxy and every replica) live in
+            # the YAML's controller_options, as `serve run` applies them.
+            controller_options=schema.controller_options,
         )
         client.deploy_apps(schema)
         deadline = time.monotonic() + timeout_s
