@@ -55,6 +55,10 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray starts its workers at niceness 15, below its own daemons and anything else on
+        # the machine; on 2 cores every preemption of one of a worker's two OpenMP threads
+        # stalls the other at the next barrier. A Ray started here runs workers at 0.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # The dashboard stays on: Ray Train's placement-group cleaner polls the State API,
         # which needs it, and warns every second while a run is in flight without it.
         ray.init(configure_logging=False)
