@@ -208,13 +208,15 @@ def compare_greedy(
     for prompt in PROMPTS:
         row: dict[str, Any] = {"model": model, "prompt": prompt, "identical": False}
         try:
-            ours = _post(f"{slim}/compare", {"prompt": prompt, "models": [model]} | {
+            results = _post(f"{slim}/compare", {"prompt": prompt, "models": [model]} | {
                 "max_tokens": max_tokens, "warmup": False,
-            })["results"][0]["token_ids"]  # fmt: skip
+            })["results"]  # fmt: skip
+            # /compare runs the profile's teacher too, as its reference: pick our model's row
+            ours = next(r for r in results if r["model"] == model)["token_ids"]
             theirs = _post(f"{vllm}/v1/completions", {"model": model, "prompt": prompt} | {
                 "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
             })["choices"][0]["token_ids"]  # fmt: skip
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
             rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:160]})
             continue
         ours, theirs = _strip_eos(list(ours), eos), _strip_eos(list(theirs or ()), eos)

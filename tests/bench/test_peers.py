@@ -154,7 +154,8 @@ def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
             raise OSError("connection refused")
         ours, theirs = replies[body["prompt"]]
         if url.endswith("/compare"):
-            return {"results": [{"token_ids": ours}]}
+            teacher = {"model": "teacher", "token_ids": [1, 1]}  # /compare's reference comes first
+            return {"results": [teacher, {"model": "m", "token_ids": ours}]}
         assert body["return_token_ids"] is True and body["temperature"] == 0
         return {"choices": [{"token_ids": theirs}]}
 
