@@ -115,15 +115,16 @@ def venv_python(venv: Path) -> Path:
 def install(venv: str | Path, *, run: Runner = _run, log=print) -> dict[str, object]:
     """Create `venv` with vLLM in it (skipped when a completed install is there).
 
-    Returns {"venv", "seconds", "bytes", "version", "reused"}; raises PeerError with the step
-    that failed and the end of its error output.
+    Returns {"venv", "seconds", "bytes", "version", "reused"} (`seconds`: how long the install
+    that made the venv took, kept in its stamp); raises PeerError with the step that failed and
+    the end of its error output.
     """
     venv = Path(venv)
     py = venv_python(venv)
     stamp = venv / STAMP
     if stamp.is_file():
-        version = stamp.read_text().strip()
-        return {"venv": str(venv), "seconds": 0.0, "bytes": _bytes(venv)} | {
+        version, seconds = read_stamp(stamp)
+        return {"venv": str(venv), "seconds": seconds, "bytes": _bytes(venv)} | {
             "version": version,
             "reused": True,
         }
@@ -141,12 +142,21 @@ def install(venv: str | Path, *, run: Runner = _run, log=print) -> dict[str, obj
     probe = run([str(py), "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"])
     _check(probe, "import vllm")
     version = probe.stdout.strip()
-    stamp.write_text(version + "\n")
     seconds = round(time.monotonic() - t0, 1)
+    stamp.write_text(f"{version}\n{seconds}\n")
     return {"venv": str(venv), "seconds": seconds, "bytes": _bytes(venv)} | {
         "version": version,
         "reused": False,
     }
+
+
+def read_stamp(stamp: Path) -> tuple[str, float | None]:
+    """(vLLM version, seconds the install took) from the stamp (seconds: None if not kept)."""
+    lines = stamp.read_text().split()
+    try:
+        return lines[0], float(lines[1])
+    except (IndexError, ValueError):
+        return (lines[0] if lines else "?"), None
 
 
 def _metadata(venv: Path) -> str:
@@ -247,7 +257,7 @@ def start_vllm(
             if time.monotonic() > deadline:
                 raise PeerError(f"vLLM not answering after {timeout_s:.0f}s: {_tail(log)}")
             time.sleep(0.5)
-        yield PeerServer(url, proc.pid, stamp.read_text().strip())
+        yield PeerServer(url, proc.pid, read_stamp(stamp)[0])
     finally:
         _stop_group(proc)
         if log:

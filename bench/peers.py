@@ -72,7 +72,8 @@ def peer_status(plan: PeersPlan) -> dict[str, Any]:
     return row | {
         "status": "installed",
         "version": info["version"],
-        "install_s": None if info["reused"] else info["seconds"],
+        "install_s": info["seconds"],
+        "reused": info["reused"],
         "venv_mb": round(int(info["bytes"]) / 2**20),
     }
 

@@ -82,6 +82,9 @@ def test_install_with_a_fake_pip_then_reuse(tmp_path):
     assert "torch==2.13.0" in calls[2] and not any("torchvision" in c for c in calls[2])
     again = install(tmp_path / "venv", run=run, log=lambda _: None)
     assert again["reused"] is True and len(calls) == 4  # nothing run the second time
+    assert again["seconds"] == info["seconds"] and again["version"] == "0.32.0"
+    (tmp_path / "venv" / peer_vllm.STAMP).write_text("0.31.0\n")  # a stamp without the time
+    assert peer_vllm.read_stamp(tmp_path / "venv" / peer_vllm.STAMP) == ("0.31.0", None)
 
 
 def test_peer_that_cannot_be_installed_is_a_reason(tmp_path, monkeypatch):
