@@ -25,7 +25,7 @@ test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 artifacts: $(STAMP)  ## build the default profile's variants (slimserve build)
-	$(BIN)/slimserve build --config $(CONFIG)
+	$(BIN)/slimserve build --config $(CONFIG) --report-dir reports
 
 demo: artifacts  ## build the tiny profile, then serve it (:8000) with the dashboard (:8501)
 	@echo "serving on http://127.0.0.1:8000 (OpenAI API), dashboard on http://127.0.0.1:8501; Ctrl-C stops both"

@@ -121,7 +121,15 @@ def measure_flops(threads: int | None = None, steps: int = 3) -> float:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=4096, n_positions=128)
+        cfg = GPT2Config(
+            n_layer=4,
+            n_embd=256,
+            n_head=4,
+            vocab_size=4096,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = GPT2LMHeadModel(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, 4096, (16, 128))
