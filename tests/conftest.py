@@ -20,6 +20,9 @@ SHARED_RAY = {
     "include_dashboard": False,
     "log_to_driver": False,
     "configure_logging": False,
+    # Metrics reach Ray's Prometheus endpoint every 2 s instead of 10 s, so a test waiting for
+    # an exported value waits less.
+    "_system_config": {"metrics_report_interval_ms": 2000},
 }
 
 

@@ -247,10 +247,11 @@ def test_per_variant_metrics_on_rays_prometheus_endpoint(serve_urls):
                 found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
         return found
 
-    # Counters are cumulative over the session and Ray exports them every 10 s (its default
-    # report interval): settle on what earlier tests left (unchanged for longer than one
-    # export), then wait for the exported values to include this request's tokens.
+    # Counters are cumulative over the session and exported once per report interval: settle
+    # on what earlier tests left (unchanged for longer than one export), then wait for the
+    # exported values to include this request's tokens.
     finished_key = "ray_slimserve_requests_finished_total"
+    settle_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1e3 + 1.0
 
     state: dict[str, float | None] = {"value": None, "since": 0.0}
 
@@ -259,7 +260,7 @@ def test_per_variant_metrics_on_rays_prometheus_endpoint(serve_urls):
         value = found.get(finished_key, 0.0)
         if value != state["value"]:
             state["value"], state["since"] = value, time.monotonic()
-        return found if time.monotonic() - state["since"] >= 12.0 else None
+        return found if time.monotonic() - state["since"] >= settle_s else None
 
     before = wait_until(settled, timeout=60, interval=1.0, what="earlier requests exported")
     r = post(serve_urls.main, "/v1/completions", {"model": "student-b", "prompt": PROMPT})
