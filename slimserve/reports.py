@@ -182,11 +182,15 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """Short HEAD hash, with "-dirty" when tracked files changed; None outside a git checkout."""
+    """Short HEAD hash, with "-dirty" when tracked files outside reports/ changed; None outside
+    a git checkout."""
     try:
         run = {"cwd": cwd, "capture_output": True, "text": True, "timeout": 5, "check": True}
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], **run).stdout.strip()
+        # Reports are outputs: one run writing several of them must not stamp the later ones
+        # "-dirty" because of the earlier ones. Only changes outside reports/ count.
+        status = ["git", "status", "--porcelain", "-uno", "--", ".", ":(exclude)reports"]
+        dirty = subprocess.run(status, **run).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head or None
