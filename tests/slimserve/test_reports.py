@@ -146,3 +146,25 @@ def test_markdown_escapes_pipes():
     report = sweep()
     report.tables[0].rows[1][2] = "a|b"
     assert "a\\|b" in render_markdown(report)
+
+
+def test_commit_stamp_ignores_reports_but_not_code(tmp_path):
+    import subprocess
+
+    from slimserve.reports import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "a.md").write_text("one\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    head = git_commit(tmp_path)
+    assert head is not None and not head.endswith("-dirty")
+    (tmp_path / "reports" / "a.md").write_text("two\n")  # a report rewritten by a run
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")  # code changed: the figures are not HEAD's
+    assert git_commit(tmp_path) == f"{head}-dirty"
