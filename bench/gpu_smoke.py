@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -291,28 +291,29 @@ def run(out: Path, skip_bench: bool = False) -> list[Section]:
 
 
 def write(sections: list[Section], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "sections": [asdict(s) for s in sections],
-    }
-    (out / "gpu_smoke.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    lines = ["# GPU smoke run", "", f"Run {record['created']} with `make gpu-smoke`.", ""]
-    lines += ["| section | status | reason | seconds |", "|---|---|---|---|"]
-    for s in sections:
-        reason = (s.reason or "").replace("|", "/")
-        lines.append(f"| {s.name} | {s.status} | {reason} | {s.seconds} |")
-    for s in sections:
-        if s.figures:
-            lines += [
-                "",
-                f"## {s.name}",
-                "",
-                "```json",
-                json.dumps(s.figures, indent=2, default=str),
-                "```",
-            ]
-    (out / "gpu_smoke.md").write_text("\n".join(lines) + "\n")
+    """`gpu_smoke.json` (a slimserve report: the dashboard lists it) and `gpu_smoke.md`."""
+    from slimserve.reports import Table, new_report, write_report
+
+    rows = [
+        {
+            "section": s.name,
+            "status": s.status,
+            "reason": s.reason,
+            "seconds": s.seconds,
+            "figures": json.dumps(s.figures, default=str, sort_keys=True) if s.figures else None,
+        }
+        for s in sections
+    ]
+    counts = {k: sum(s.status == k for s in sections) for k in ("PASS", "FAIL", "SKIP")}
+    report = new_report(
+        "gpu_smoke",
+        kind="gpu-smoke",
+        title="GPU smoke run",
+        tables=[Table.from_records("sections (PASS / FAIL / SKIP)", rows)],
+        notes=[", ".join(f"{n} {k}" for k, n in counts.items())],
+        command="make gpu-smoke",
+    )
+    write_report(report, out, png=False)
 
 
 def main(argv: list[str] | None = None) -> int:

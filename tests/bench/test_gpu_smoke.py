@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench import gpu_smoke, gpu_smoke_trt
+from slimserve.reports import read_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,9 +36,11 @@ def test_without_a_gpu_every_section_skips_with_its_reason(tmp_path):
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
     assert len(lines) == 5 and all(ln.startswith("SKIP ") for ln in lines), run.stdout
     assert all("no CUDA GPU" in ln for ln in lines), lines
-    record = json.loads((tmp_path / "gpu_smoke.json").read_text())
-    assert [s["status"] for s in record["sections"]] == ["SKIP"] * 5
-    assert record["sections"][0]["figures"]["ort_providers"]
+    report = read_report(tmp_path / "gpu_smoke.json").report  # a dashboard-readable report
+    assert report is not None
+    rows = report.tables[0].records()
+    assert [r["status"] for r in rows] == ["SKIP"] * 5
+    assert json.loads(rows[0]["figures"])["ort_providers"]
     assert "| 4 TensorRT | SKIP |" in (tmp_path / "gpu_smoke.md").read_text()
 
 
