@@ -11,19 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.race import LEVEL_COLUMNS
+from bench.race import LEVEL_COLUMNS, find_level, ratio
 from slimserve.reports import Chart, Report, Table, new_report
 
 Rows = dict[str, list[dict[str, Any]]]
 SERVERS = ("slimserve", "slimserve-onnx", "vllm", "baseline")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else round(a / b, 2)
-
-
-def _find(rows: list[dict[str, Any]], stream: bool, conc: int) -> dict[str, Any]:
-    return next((r for r in rows if r["stream"] == stream and r["concurrency"] == conc), {})
 
 
 def side_by_side(race: Rows) -> list[dict[str, Any]]:
@@ -34,7 +26,10 @@ def side_by_side(race: Rows) -> list[dict[str, Any]]:
     for conc in concs:
         row: dict[str, Any] = {"concurrency": conc}
         for label in labels:
-            json_row, stream_row = _find(race[label], False, conc), _find(race[label], True, conc)
+            json_row, stream_row = (
+                find_level(race[label], False, conc),
+                find_level(race[label], True, conc),
+            )
             row[f"{label}_tok_s"] = json_row.get("out_tok_s")
             row[f"{label}_stream_tok_s"] = stream_row.get("out_tok_s")
             row[f"{label}_e2e_p50_ms"] = json_row.get("e2e_p50_ms")
@@ -44,7 +39,7 @@ def side_by_side(race: Rows) -> list[dict[str, Any]]:
 
 
 def _get(race: Rows, label: str, stream: bool, conc: int, column: str) -> float | None:
-    return _find(race.get(label, []), stream, conc).get(column)
+    return find_level(race.get(label, []), stream, conc).get(column)
 
 
 def _best(race: Rows, labels: tuple[str, ...], stream: bool, conc: int) -> float | None:
@@ -84,36 +79,36 @@ def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
     return [
         _target(
             "student, 16 clients: non-streamed tok/s vs vLLM",
-            _ratio(tok(tiny, "slimserve", False), tok(tiny, "vllm", False)), 1.0, "min",
+            ratio(tok(tiny, "slimserve", False), tok(tiny, "vllm", False)), 1.0, "min",
         ),
         _target(
             "student, 16 clients: streamed tok/s vs vLLM",
-            _ratio(tok(tiny, "slimserve", True), tok(tiny, "vllm", True)), 1.0, "min",
+            ratio(tok(tiny, "slimserve", True), tok(tiny, "vllm", True)), 1.0, "min",
         ),
-        _target("student, 1 client: non-streamed e2e p50 vs vLLM", _ratio(*e2e), 1.0, "max"),
+        _target("student, 1 client: non-streamed e2e p50 vs vLLM", ratio(*e2e), 1.0, "max"),
         _target(
             "student-onnx, 16 clients: non-streamed tok/s vs vLLM",
-            _ratio(tok(tiny, "slimserve-onnx", False), tok(tiny, "vllm", False)), 1.5, "min",
+            ratio(tok(tiny, "slimserve-onnx", False), tok(tiny, "vllm", False)), 1.5, "min",
         ),
         _target(
             "student-onnx, 16 clients: streamed tok/s vs vLLM",
-            _ratio(tok(tiny, "slimserve-onnx", True), tok(tiny, "vllm", True)), 1.5, "min",
+            ratio(tok(tiny, "slimserve-onnx", True), tok(tiny, "vllm", True)), 1.5, "min",
         ),
         _target(
             "student, 16 clients: streamed vs non-streamed tok/s",
-            _ratio(tok(tiny, "slimserve", True), tok(tiny, "slimserve", False)), 0.9, "min",
+            ratio(tok(tiny, "slimserve", True), tok(tiny, "slimserve", False)), 0.9, "min",
         ),
         _target(
             "124M-shaped, 16 clients: best slimserve variant vs vLLM, non-streamed",
-            _ratio(_best(big, both, False, t), tok(big, "vllm", False)), 1.0, "min",
+            ratio(_best(big, both, False, t), tok(big, "vllm", False)), 1.0, "min",
         ),
         _target(
             "124M-shaped, 16 clients: best slimserve variant vs vLLM, streamed",
-            _ratio(_best(big, both, True, t), tok(big, "vllm", True)), 1.0, "min",
+            ratio(_best(big, both, True, t), tok(big, "vllm", True)), 1.0, "min",
         ),
         _target(
             "student, 16 clients: non-streamed tok/s vs the Flask baseline",
-            _ratio(tok(tiny, "slimserve", False), tok(tiny, "baseline", False)), 6.0, "min",
+            ratio(tok(tiny, "slimserve", False), tok(tiny, "baseline", False)), 6.0, "min",
         ),
     ]  # fmt: skip
 

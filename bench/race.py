@@ -33,11 +33,11 @@ LEVEL_COLUMNS = (
 )
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 2)
 
 
-def _find(rows: list[dict[str, Any]], stream: bool, conc: int) -> dict[str, Any]:
+def find_level(rows: list[dict[str, Any]], stream: bool, conc: int) -> dict[str, Any]:
     return next((r for r in rows if r["stream"] == stream and r["concurrency"] == conc), {})
 
 
@@ -45,23 +45,23 @@ def side_by_side(slim: list[dict[str, Any]], base: list[dict[str, Any]]) -> list
     """One row per concurrency: both servers' throughput and latency, and their ratios."""
     out = []
     for conc in sorted({r["concurrency"] for r in slim + base}):
-        sj, bj = _find(slim, False, conc), _find(base, False, conc)
-        ss, bs = _find(slim, True, conc), _find(base, True, conc)
+        sj, bj = find_level(slim, False, conc), find_level(base, False, conc)
+        ss, bs = find_level(slim, True, conc), find_level(base, True, conc)
         out.append(
             {
                 "concurrency": conc,
                 "slimserve_tok_s": sj.get("out_tok_s"),
                 "baseline_tok_s": bj.get("out_tok_s"),
-                "tok_s_ratio": _ratio(sj.get("out_tok_s"), bj.get("out_tok_s")),
+                "tok_s_ratio": ratio(sj.get("out_tok_s"), bj.get("out_tok_s")),
                 "slimserve_stream_tok_s": ss.get("out_tok_s"),
                 "baseline_stream_tok_s": bs.get("out_tok_s"),
-                "stream_tok_s_ratio": _ratio(ss.get("out_tok_s"), bs.get("out_tok_s")),
+                "stream_tok_s_ratio": ratio(ss.get("out_tok_s"), bs.get("out_tok_s")),
                 "slimserve_ttft_p99_ms": ss.get("ttft_p99_ms"),
                 "baseline_ttft_p99_ms": bs.get("ttft_p99_ms"),
-                "ttft_p99_ratio": _ratio(ss.get("ttft_p99_ms"), bs.get("ttft_p99_ms")),
-                "e2e_p50_ratio": _ratio(sj.get("e2e_p50_ms"), bj.get("e2e_p50_ms")),
-                "stream_e2e_p50_ratio": _ratio(ss.get("e2e_p50_ms"), bs.get("e2e_p50_ms")),
-                "e2e_p99_ratio": _ratio(sj.get("e2e_p99_ms"), bj.get("e2e_p99_ms")),
+                "ttft_p99_ratio": ratio(ss.get("ttft_p99_ms"), bs.get("ttft_p99_ms")),
+                "e2e_p50_ratio": ratio(sj.get("e2e_p50_ms"), bj.get("e2e_p50_ms")),
+                "stream_e2e_p50_ratio": ratio(ss.get("e2e_p50_ms"), bs.get("e2e_p50_ms")),
+                "e2e_p99_ratio": ratio(sj.get("e2e_p99_ms"), bj.get("e2e_p99_ms")),
             }
         )
     return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,6 @@ TINY_PROFILE = {
         "student": {"step": "distill", "from": "teacher", "params": {"layers": [0]}},
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_config_args() -> dict[str, Any]:

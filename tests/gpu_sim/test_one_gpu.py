@@ -14,12 +14,12 @@ import pytest
 from sim_helpers import (
     ROOT,
     app_on_cpu,
-    free_port,
     manifests_only_store,
     serve_config_args,
     tiny_torch_store,
 )
 
+from bench.serving import free_port
 from deployments import app as app_module
 from deployments.settings import GpuFitError
 from slimserve import hardware

@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sim_helpers import app_on_cpu, free_port, tiny_torch_store
+from sim_helpers import app_on_cpu, tiny_torch_store
 
+from bench.serving import free_port
 from deployments import app as app_module
 from slimserve.catalogue import TrainingDefaults
 from training.trainer import plan_workers
