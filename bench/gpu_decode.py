@@ -251,7 +251,7 @@ def run_gpu_decode(
 
 
 def gpu_report(result: dict[str, Any], *, command: str | None = None) -> Report:
-    """`bench_gpu_decode`: the figures and issue 9's GPU targets, or why it did not run."""
+    """`bench_gpu_decode`: the figures and the GPU targets, or why it did not run."""
     title = "GPU decode: eager vs CUDA graph (GPT-2 124M shape, fp16)"
     if "skipped" in result:
         table = Table(title="status", columns=["status"], rows=[[result["skipped"]]])

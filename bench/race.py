@@ -1,4 +1,4 @@
-"""The race report: slimserve against the older architecture, side by side, with issue 9's targets.
+"""The race report: slimserve against the older architecture, side by side, with its targets.
 
 Kept apart from `run_all.py` (which runs things) so the arithmetic of ratios and targets can be
 tested on plain rows, without a server. Ratios are slimserve / baseline: above 1 is better for
@@ -119,7 +119,7 @@ def serving_report(
         _table("slimserve (serve_config.yaml, Ray Serve)", slim_rows, LEVEL_COLUMNS),
         _table("baseline (Flask threaded, HF generate, 2 torch threads)", base_rows, LEVEL_COLUMNS),
         _table("side by side (ratios = slimserve / baseline)", pairs, pair_cols),
-        _table("targets (issue 9)", goals, ("target", "required", "measured", "met", "miss")),
+        _table("targets", goals, ("target", "required", "measured", "met", "miss")),
         _table(
             "CPU per output token by process (the cost of each hop)",
             hops,

@@ -10,7 +10,7 @@
 Steps 2 and 3 take turns level by level (`bench.serving.run_levels`): both servers are up, and
 only one is under load at any time, so neither competes with the other for the cores, and a
 drift in the machine's other load hits both sides of every ratio alike. The race, the ratios and the
-targets of issue 9 go to `reports/bench_serving.*`; `reports/bench_results.md` is the README's
+targets go to `reports/bench_serving.*`; `reports/bench_results.md` is the README's
 results section, generated from the same numbers. Every report is stamped with the machine
 (CPU, cores, GPU, the load average at the start and end), versions, torch threads and commit.
 """
