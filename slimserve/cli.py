@@ -7,6 +7,10 @@
     slimserve bench    engine --variant student
     slimserve sweep    prune --config configs/tiny.yaml [--amounts 0.1 0.5 0.9]
 
+The core verbs live here. Verbs of the layers above the core (`bench` in `bench/cli.py`,
+`sweep` in `build_engines/cli.py`) register themselves as `slimserve.verbs` entry points in
+pyproject.toml, so this module never imports upward: each is a `Verb` found at start-up.
+
 Exit status: 0 ok, 2 bad input (config, arguments, artifacts), 1 anything else.
 """
 
@@ -15,12 +19,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
+VERB_GROUP = "slimserve.verbs"
 
 
-def _profile(path: str, artifacts: str | None):
+@dataclass(frozen=True)
+class Verb:
+    """One `slimserve VERB`: its one-line help, its options and the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def load_profile_arg(path: str, artifacts: str | None):
+    """The profile at `path`, its artifacts folder overridden by `--artifacts` when given."""
     from slimserve.catalogue import load_profile
 
     profile = load_profile(path)
@@ -29,11 +47,19 @@ def _profile(path: str, artifacts: str | None):
     return profile
 
 
+def add_common(p: argparse.ArgumentParser) -> None:
+    """`--config` and `--artifacts`, which every verb takes."""
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"profile file (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--artifacts", default=None, help="override the profile's artifacts_dir")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from slimserve.runner import build, table
     from slimserve.training_report import TRAINING_STEPS, training_report
 
-    profile = _profile(args.config, args.artifacts)
+    profile = load_profile_arg(args.config, args.artifacts)
     start = time.time()
     rows = build(profile, only=args.only, force=args.force, dry_run=args.dry_run)
     if args.dry_run:
@@ -58,7 +84,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Prepare (or reuse) the tokenized corpus and print its provenance."""
     from slimserve.data import prepare
 
-    profile = _profile(args.config, args.artifacts)
+    profile = load_profile_arg(args.config, args.artifacts)
     bundle = prepare(profile, log=lambda m: print(m, file=sys.stderr))
     s = bundle.stats
     print(f"source: {s['source']}")
@@ -77,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slimserve.data import prepare
     from slimserve.evaluate import evaluate_folder
 
-    profile = _profile(args.config, args.artifacts)
+    profile = load_profile_arg(args.config, args.artifacts)
     store = ArtifactStore(profile.artifacts_root(), profile.name)
     names = [args.variant] if args.variant else profile.order()
     if args.variant and args.variant not in profile.variants:
@@ -105,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from slimserve.generate_cli import generate_main
     from slimserve.sampling import SamplingParams
 
-    profile = _profile(args.config, args.artifacts)
+    profile = load_profile_arg(args.config, args.artifacts)
     if args.variant not in profile.variants:
         raise ValueError(
             f"--variant: no variant {args.variant!r} (have: {', '.join(profile.variants)})"
@@ -125,83 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from slimserve.artifacts import ArtifactStore
-
-    profile = _profile(args.config, args.artifacts)
-    store = ArtifactStore(profile.artifacts_root(), profile.name)
-    if args.what == "engine":
-        from bench.engine_bench import main as engine_main
-
-        folder = store.path(args.variant)
-        if store.manifest(args.variant) is None:
-            raise FileNotFoundError(f"{args.variant} is not built: run `make artifacts`")
-        return (
-            engine_main(
-                folder,
-                concurrencies=tuple(args.concurrency or (1, 4, 16)),
-                max_tokens=args.max_tokens,
-                repeats=args.repeats or 3,
-            )
-            or 0
-        )
-    from bench.run_all import PARTS, BenchPlan, run_all
-
-    if args.what not in PARTS:
-        raise ValueError(f"unknown benchmark {args.what!r}")
-    plan = BenchPlan(
-        config=args.config,
-        serve_config=args.serve_config,
-        artifacts=args.artifacts,
-        variant=args.variant,
-        reports_dir=args.report_dir,
-        parts=PARTS[args.what],
-        concurrencies=tuple(args.concurrency or (1, 4, 16, 32)),
-        max_tokens=args.max_tokens,
-        requests_per_client=args.requests_per_client,
-        repeats=args.repeats or 5,
-        command=" ".join(["slimserve", *sys.argv[1:]]) if sys.argv[1:] else None,
-    )
-    run_all(plan)
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Pruning sweep: quality and speed per amount / ratio -> reports/prune_sweep.*"""
-    from build_engines.sweep import DEFAULT_AMOUNTS, run_prune_sweep
-    from slimserve.reports import render_markdown
-
-    report, _ = run_prune_sweep(
-        _profile(args.config, args.artifacts),
-        parent=args.parent,
-        amounts=args.amounts or DEFAULT_AMOUNTS,
-        scope=args.scope,
-        structured=not args.no_structured,
-        importance=args.importance,
-        repeats=args.repeats,
-        threads=args.threads,
-        reports_dir=args.report_dir,
-    )
-    print(render_markdown(report, f"{report.name}.png" if report.charts else None))
-    return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", default=DEFAULT_CONFIG, help=f"profile file (default {DEFAULT_CONFIG})"
-    )
-    p.add_argument("--artifacts", default=None, help="override the profile's artifacts_dir")
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slimserve",
-        description="Fine-tune, distil, prune, compile and serve GPT-2-family models on Ray.",
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    p = sub.add_parser("build", help="build missing or stale variants in dependency order")
-    _common(p)
+def _build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None, help="build only this variant (and what it needs)")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--dry-run", action="store_true", help="print the plan, build nothing")
@@ -216,19 +166,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="after a build that trained a variant, write <dir>/training.{json,md} "
         "(tokens, time, perplexity vs unigram and teacher, greedy samples); off by default",
     )
-    p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("data", help="prepare the tokenized corpus; print its size and SHA-256")
-    _common(p)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("eval", help="measure perplexity and agreement; update manifests")
-    _common(p)
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="one variant (default: every built one)")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="stream a completion from a built variant")
-    _common(p)
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="student", help="variant to run (default student)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -238,54 +182,50 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch / ORT threads")
     p.add_argument("prompt", help="the prompt text")
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks (writes reports/)")
-    _common(p)
-    p.add_argument(
-        "what",
-        choices=["engine", "variants", "serving", "baseline", "race", "gpu", "all"],
-        help="engine: continuous batching vs HF generate; variants: per-variant latency, "
-        "memory, size, quality; serving / baseline: the load generator against Serve / the "
-        "older Flask server; race: both; gpu: eager vs CUDA-graph decode; all: `make bench`",
-    )
-    p.add_argument("--variant", default="student", help="variant to benchmark / serve")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        nargs="+",
-        default=None,
-        help="concurrency levels (default 1 4 16; serving benches 1 4 16 32)",
-    )
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats (median; engine 3, variants 5)"
-    )
-    p.add_argument(
-        "--requests-per-client", type=int, default=4, help="serving: requests per client a level"
-    )
-    p.add_argument(
-        "--serve-config", default="serve_config.yaml", help="serving: the Serve config to run"
-    )
-    p.add_argument("--report-dir", default="reports", help="where the reports are written")
-    p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("sweep", help="pruning sweep: perplexity, agreement, speed (reports/)")
-    _common(p)
-    p.add_argument("what", choices=["prune"], help="prune: L1 amounts and structured ratios")
-    p.add_argument("--parent", default="student", help="variant to prune (default student)")
-    p.add_argument(
-        "--amounts", type=float, nargs="+", help="L1 amounts in (0, 1) (default 0.1-0.9)"
+CORE_VERBS: tuple[Verb, ...] = (
+    Verb(
+        "build", "build missing or stale variants in dependency order", _build_arguments, cmd_build
+    ),
+    Verb(
+        "data",
+        "prepare the tokenized corpus; print its size and SHA-256",
+        lambda p: None,
+        cmd_data,
+    ),
+    Verb("eval", "measure perplexity and agreement; update manifests", _eval_arguments, cmd_eval),
+    Verb(
+        "generate",
+        "stream a completion from a built variant",
+        _generate_arguments,
+        cmd_generate,
+    ),
+)
+
+
+def plugin_verbs() -> list[Verb]:
+    """The verbs other packages register under the `slimserve.verbs` entry-point group."""
+    found = sorted(entry_points(group=VERB_GROUP), key=lambda ep: ep.name)
+    return [ep.load() for ep in found]
+
+
+def all_verbs() -> tuple[Verb, ...]:
+    return (*CORE_VERBS, *plugin_verbs())
+
+
+def make_parser(verbs: Iterable[Verb] | None = None) -> argparse.ArgumentParser:
+    """The `slimserve` parser: one sub-command per verb (default: the core and every plugin)."""
+    parser = argparse.ArgumentParser(
+        prog="slimserve",
+        description="Fine-tune, distil, prune, compile and serve GPT-2-family models on Ray.",
     )
-    p.add_argument("--scope", choices=["global", "layer"], default="global", help="L1 ranking")
-    p.add_argument("--no-structured", action="store_true", help="L1 only (no structured points)")
-    p.add_argument(
-        "--importance", choices=["activation", "weight"], default="activation", help="neuron score"
-    )
-    p.add_argument("--repeats", type=int, default=5, help="decode timing runs (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for decode timing")
-    p.add_argument("--report-dir", default="reports", help="where prune_sweep.* are written")
-    p.set_defaults(func=cmd_sweep)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in all_verbs() if verbs is None else verbs:
+        p = sub.add_parser(verb.name, help=verb.help)
+        add_common(p)
+        verb.add_arguments(p)
+        p.set_defaults(func=verb.run)
     return parser
 
 

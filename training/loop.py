@@ -34,9 +34,10 @@ from torch import nn
 
 from slimserve.steps import Budget
 from training.kd import kd_loss
-from training.trainer import quiet_report_log
+from training.ray_logs import quiet_report_log
 
 MaskFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+MAX_LOGITS = 2**27  # logits per forward pass in training (512 MiB in fp32)
 
 
 @dataclass
@@ -237,29 +238,52 @@ class Learner:
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return nullcontext()
 
+    def micro_rows(self, ids: torch.Tensor) -> int:
+        """Rows per forward/backward pass: the (rows, T, V) logits and the loss's copies of them
+        dominate memory at GPT-2's 50,257 vocabulary (16 x 512 blocks: 1.6 GB per copy), so
+        a batch runs in slices of at most `MAX_LOGITS` logits, gradients accumulated."""
+        vocab = _unwrap(self.model).config.vocab_size
+        return max(1, min(len(ids), MAX_LOGITS // max(1, ids.shape[1] * vocab)))
+
     def step(self, ids: torch.Tensor) -> dict[str, float]:
         """One optimiser step on this worker's rows `ids` (B / world, T); returns loss parts."""
         job = self.job
-        with self.amp():
-            logits = self.model(input_ids=ids).logits[:, :-1]  # (b, T-1, V)
-            vocab = logits.shape[-1]
-            teacher_logits = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(input_ids=ids).logits[:, :-1].reshape(-1, vocab)
-            loss, parts = kd_loss(
-                logits.reshape(-1, vocab),
-                teacher_logits,
-                ids[:, 1:].reshape(-1),
-                job.temperature,
-                job.alpha_kd if self.teacher is not None else 0.0,
-                job.alpha_lm if self.teacher is not None else 1.0,
-            )
+        rows = self.micro_rows(ids)
+        slices = list(torch.split(ids, rows))
+        totals: dict[str, float] = {}
+        for i, part in enumerate(slices):
+            weight = len(part) / len(ids)  # the loss is a mean over positions: equal T per row
+            last = i == len(slices) - 1
+            # DDP all-reduces the gradients once, after the batch's last slice.
+            defer = not last and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if defer else nullcontext():
+                with self.amp():
+                    logits = self.model(input_ids=part).logits[:, :-1]  # (rows, T-1, V)
+                    vocab = logits.shape[-1]
+                    teacher_logits = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(input_ids=part).logits[:, :-1]
+                            teacher_logits = teacher_logits.reshape(-1, vocab)
+                    loss, parts = kd_loss(
+                        logits.reshape(-1, vocab),
+                        teacher_logits,
+                        part[:, 1:].reshape(-1),
+                        job.temperature,
+                        job.alpha_kd if self.teacher is not None else 0.0,
+                        job.alpha_lm if self.teacher is not None else 1.0,
+                    )
+                    loss = loss * weight if len(slices) > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            del logits, teacher_logits, loss
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v * weight
+        parts = totals
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.budget.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

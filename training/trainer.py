@@ -14,7 +14,6 @@ inside the workers (Ray Train V2, the default in Ray 2.60).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -187,19 +186,6 @@ def fit(
         ),
     )
     return trainer.fit()
-
-
-def quiet_report_log() -> None:
-    """Silence Ray Train's INFO line per report (a full repr of every checkpoint).
-
-    Our progress lines say the same. Ray 2.60 names that logger by its *file path*, so neither
-    `LoggingConfig` nor the `ray.train` logger level reaches it; warnings still come through.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: keep its logging as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 @dataclass

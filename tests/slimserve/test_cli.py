@@ -55,3 +55,20 @@ def test_unwritable_artifacts_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["build", "--artifacts", str(tmp_path / "file" / "sub")]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_upper_layers_register_their_verbs():
+    """`bench` and `sweep` come from entry points, so the core CLI never imports upward."""
+    import ast
+    from pathlib import Path
+
+    from slimserve.cli import all_verbs
+
+    assert [v.name for v in all_verbs()][-2:] == ["bench", "sweep"]
+    source = Path(__file__).resolve().parents[2] / "slimserve" / "cli.py"
+    imported = {
+        n.module.split(".")[0]
+        for n in ast.walk(ast.parse(source.read_text()))
+        if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert not imported & {"bench", "build_engines", "training", "deployments", "dashboard"}
