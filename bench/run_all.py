@@ -78,6 +78,31 @@ def _models_deployed(url: str) -> list[str]:
     return [c["id"] for c in cards if c.get("deployed")]
 
 
+SERVE_PRIVATE_API = "ray.serve._private.api"
+
+
+def deploy_config(schema: Any) -> None:
+    """Start Serve and apply a whole `ServeDeploySchema`, the way `serve run config.yaml` does.
+
+    Ray's public API deploys one application object (`serve.run`); it cannot apply a config
+    file's `deployments:` overrides and `controller_options` in-process. `serve run` itself
+    does it with the private controller client, so this function is the one place the
+    benchmarks reach into `ray.serve._private` (tests/bench/test_serve_private.py fails when
+    Ray moves it).
+    """
+    from importlib import import_module
+
+    serve_api = import_module(SERVE_PRIVATE_API)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        # The request-path settings (environment of the proxy and every replica) live in
+        # the YAML's controller_options, as `serve run` applies them.
+        controller_options=schema.controller_options,
+    )
+    client.deploy_apps(schema)
+
+
 @contextlib.contextmanager
 def start_serve(
     serve_config: str | Path,
@@ -100,7 +125,6 @@ def start_serve(
     import ray
     import yaml
     from ray import serve
-    from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(Path(serve_config).read_text())
@@ -127,14 +151,7 @@ def start_serve(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(),
-            proxy_location=schema.proxy_location,
-            # The request-path settings (environment of the proxy and every replica) live in
-            # the YAML's controller_options, as `serve run` applies them.
-            controller_options=schema.controller_options,
-        )
-        client.deploy_apps(schema)
+        deploy_config(schema)
         deadline = time.monotonic() + timeout_s
         name = schema.applications[0].name
         while True:

@@ -9,7 +9,7 @@ A step function has the signature `run(ctx: StepContext) -> StepResult` (`slimse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -220,7 +220,3 @@ STEPS: dict[str, StepSpec] = {
         ),
     ]
 }
-
-
-def params_dump(params: BaseModel) -> dict[str, Any]:
-    return params.model_dump(mode="json")
