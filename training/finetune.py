@@ -8,6 +8,8 @@ or `params.model` (an architecture trained from scratch, as the tiny profile doe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -70,6 +72,8 @@ def run(ctx: StepContext) -> StepResult:
     if params.pretrained is not None:
         check_pretrained(params.pretrained, ctx)
         init, start = params.pretrained, f"pretrained {params.pretrained}"
+        if Path(init).is_dir():  # Ray Train workers do not run in this directory
+            init = str(Path(init).resolve())
     else:
         folder = ctx.checkpoint_dir / "init"
         if not (folder / "config.json").is_file():
