@@ -14,39 +14,56 @@ variant's own prompt + output), scored by the teacher in one forward pass per va
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import ApiError
 from deployments.messages import job, sampling
-from slimserve.protocol import CompareRequest, CompareResponse, CompareResult
-
-if TYPE_CHECKING:
-    from deployments.ingress import Ingress
+from deployments.replica_client import ReplicaClient
+from slimserve.protocol import CompareRequest, CompareResponse, CompareResult, ModelCard
 
 
-async def run(ing: Ingress, req: CompareRequest) -> CompareResponse:
-    if not ing.models:
-        raise ApiError(404, f"no model is deployed: {ing.message or 'see GET /v1/models'}")
-    names = list(dict.fromkeys(req.models or ing.models))
+class Deployed(Protocol):
+    """What `/compare` reads of the deployed variants (the ingress provides it)."""
+
+    models: dict[str, DeploymentHandle]
+    cards: list[ModelCard]
+    teacher: str
+    message: str | None
+    machine: dict[str, Any]
+
+    def handle(self, model: str) -> DeploymentHandle:
+        """The deployment serving `model`, or a 404 saying what is deployed."""
+        ...
+
+
+async def run(
+    client: ReplicaClient, deployed: Deployed, req: CompareRequest, *, warmup_tokens: int
+) -> CompareResponse:
+    """The compare answer; `client` makes the replica calls (deadline, retries, errors)."""
+    if not deployed.models:
+        raise ApiError(404, f"no model is deployed: {deployed.message or 'see GET /v1/models'}")
+    names = list(dict.fromkeys(req.models or deployed.models))
     for name in names:
-        ing.handle(name)  # 404 naming what is deployed
-    reference = ing.teacher if ing.teacher in ing.models else None
+        deployed.handle(name)  # 404 naming what is deployed
+    reference = deployed.teacher if deployed.teacher in deployed.models else None
     if reference is not None and reference not in names:
         names.insert(0, reference)
-    deadline = ing.deadline()
+    deadline = client.deadline()
     params = sampling(req)
     if req.warmup:
-        warm = {**params, "max_tokens": min(req.max_tokens, ing.settings.compare_warmup_tokens)}
+        warm = {**params, "max_tokens": min(req.max_tokens, warmup_tokens)}
         for name in names:
             # An error here is reported by the timed run below, against this variant.
             with contextlib.suppress(ApiError):
-                await _generate(ing, name, job(req.prompt, warm), deadline)
+                await _generate(client, deployed.handle(name), job(req.prompt, warm), deadline)
     runs: dict[str, dict[str, Any]] = {}
     results: list[CompareResult] = []
     for name in names:
         payload = {**job(req.prompt, params), "return_prompt_ids": True}
         try:
-            runs[name] = out = await _generate(ing, name, payload, deadline)
+            runs[name] = out = await _generate(client, deployed.handle(name), payload, deadline)
         except ApiError as exc:
             if exc.data["status"] == 408:
                 raise
@@ -70,25 +87,27 @@ async def run(ing: Ingress, req: CompareRequest) -> CompareResponse:
             continue
         if result.latency_s:
             result.speedup = ref_run["timings"]["e2e_s"] / result.latency_s
-        result.agreement = await _agreement(ing, reference, ref_run, runs[result.model], deadline)
-    devices = {c.id: c.device for c in ing.cards if c.id in names}
+        result.agreement = await _agreement(
+            client, deployed, reference, ref_run, runs[result.model], deadline
+        )
+    devices = {c.id: c.device for c in deployed.cards if c.id in names}
     return CompareResponse(
         prompt=req.prompt,
         reference=reference,
         results=results,
-        machine={**ing.machine, "devices": devices, "timed_by": "engine, inside each replica"},
+        machine={**deployed.machine, "devices": devices, "timed_by": "engine, inside each replica"},
     )
 
 
 async def _generate(
-    ing: Ingress, name: str, payload: dict[str, Any], deadline: float
+    client: ReplicaClient, handle: DeploymentHandle, payload: dict[str, Any], deadline: float
 ) -> dict[str, Any]:
-    handle = ing.handle(name)
-    return await ing.call(lambda: handle.generate.remote(payload), deadline)
+    return await client.call(lambda: handle.generate.remote(payload), deadline)
 
 
 async def _agreement(
-    ing: Ingress,
+    client: ReplicaClient,
+    deployed: Deployed,
     reference: str | None,
     ref_run: dict[str, Any],
     run: dict[str, Any],
@@ -98,6 +117,6 @@ async def _agreement(
     tokens = run["choices"][0]["token_ids"]
     if reference is None or not tokens or run["prompt_ids"] != ref_run["prompt_ids"]:
         return None  # nothing generated, or another tokenizer: positions do not line up
-    handle = ing.handle(reference)
-    picks = await ing.call(lambda: handle.top1.remote(run["prompt_ids"], tokens), deadline)
+    handle = deployed.handle(reference)
+    picks = await client.call(lambda: handle.top1.remote(run["prompt_ids"], tokens), deadline)
     return sum(int(a == b) for a, b in zip(picks, tokens, strict=True)) / len(tokens)

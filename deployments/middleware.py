@@ -27,7 +27,6 @@ import hmac
 import json
 from typing import Any
 
-from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import envelope
@@ -74,7 +73,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        path = get_route_path(scope) or "/"
+        path = route_path(scope) or "/"
         needs_key = self.api_key is not None and path not in self.open_paths
         if needs_key and not self._authorized(headers.get("authorization", b"")):
             msg = "missing or invalid API key: send `Authorization: Bearer <key>`"
@@ -147,6 +146,20 @@ class Guard:
 
     def _too_large(self) -> dict[str, Any]:
         return error(413, f"request body larger than {self.max_body_bytes} bytes")
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path inside the app: `path` less the `root_path` it is mounted under
+    (Serve mounts an application under its `route_prefix`). The ASGI spec's two fields only;
+    this is the rule Starlette's router matches routes with, so `open_paths` name the same
+    paths as the routes (a test holds the two to the same answers)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

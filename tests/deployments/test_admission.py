@@ -1,17 +1,16 @@
 """A variant Serve just reported full is answered 503 by the ingress itself (no router call)
-for a moment, never within the outage window after a lost replica. No Serve: the ingress's
-methods run against fakes."""
+for a moment, never within the outage window after a lost replica. No Serve: the replica
+client runs against fakes."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-import deployments.ingress as ingress
+import deployments.replica_client as rc
 from deployments.admission import FullQueues
 from deployments.errors import ApiError
 
@@ -38,51 +37,48 @@ class Handle:
 
 
 @pytest.fixture
-def gate():
-    g = object.__new__(ingress.Ingress.func_or_class)
-    g._lost_at = float("-inf")
-    g.queues = FullQueues(recheck_s=60)
-    g.settings = SimpleNamespace(request_timeout_s=60)
-    g.models = {"student": Handle()}
-    g.cards = []
-    return g
+def gate() -> rc.ReplicaClient:
+    return rc.ReplicaClient(request_timeout_s=60, queues=FullQueues(recheck_s=60))
 
 
-def request(gate) -> object:
-    """What `generation` does: admit, then call the replica."""
+@pytest.fixture
+def handle() -> Handle:
+    return Handle()
+
+
+def request(gate: rc.ReplicaClient, handle: Handle) -> object:
+    """What the ingress does for a completion: admit, then call the replica."""
 
     async def go() -> object:
-        handle = gate.admit("student")
+        gate.admit("student")
         return await gate.call(handle.generate.remote, time.monotonic() + 60, "student")
 
     return asyncio.run(go())
 
 
 @pytest.mark.timeout(10)
-def test_a_full_variant_is_answered_without_asking_serve_again(gate):
-    handle = gate.models["student"]
+def test_a_full_variant_is_answered_without_asking_serve_again(gate, handle):
     answers = []
     for _ in range(3):
         with pytest.raises(ApiError) as caught:
-            request(gate)
+            request(gate, handle)
         answers.append(caught.value.data)
     assert handle.calls == 1  # only the first asked Serve's router
     assert all(a["status"] == 503 and a["headers"]["Retry-After"] == "1" for a in answers)
     assert answers[0] == answers[2]
     gate.queues.freed("student")  # a request to it ended: ask again
     handle.full = False
-    assert request(gate) == {"choices": []} and handle.calls == 2
+    assert request(gate, handle) == {"choices": []} and handle.calls == 2
 
 
 @pytest.mark.timeout(10)
-def test_in_the_outage_window_a_full_variant_is_asked_again(gate, monkeypatch):
-    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
-    handle = gate.models["student"]
+def test_in_the_outage_window_a_full_variant_is_asked_again(gate, handle, monkeypatch):
+    monkeypatch.setattr(rc, "OUTAGE_RETRY_S", 0.001)
     with pytest.raises(ApiError):
-        request(gate)
-    gate._lost_at = time.monotonic()  # a replica was lost: full queues are waited out
+        request(gate, handle)
+    gate.replica_lost()  # a replica was lost: full queues are waited out
     handle.full = False
-    assert request(gate) == {"choices": []} and handle.calls == 2
+    assert request(gate, handle) == {"choices": []} and handle.calls == 2
 
 
 @pytest.mark.timeout(10)

@@ -102,11 +102,10 @@ def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
     from ray.exceptions import ActorDiedError
     from ray.serve.exceptions import BackPressureError
 
-    import deployments.ingress as ingress
+    import deployments.replica_client as rc
 
-    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
-    gate = object.__new__(ingress.Ingress.func_or_class)  # no Serve: only the retry policy
-    gate._lost_at = float("-inf")
+    monkeypatch.setattr(rc, "OUTAGE_RETRY_S", 0.001)
+    gate = rc.ReplicaClient(request_timeout_s=60)  # no Serve: only the retry policy
     full = BackPressureError(num_queued_requests=9, max_queued_requests=8)
     far = time.monotonic() + 60
 
@@ -115,10 +114,10 @@ def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
 
     assert asyncio.run(retry(full)) is False  # overload alone: the client gets its 503
     assert asyncio.run(retry(ActorDiedError())) is True  # a lost replica: resend...
-    assert asyncio.run(retry(ActorDiedError(), attempt=ingress.RETRY_ATTEMPTS)) is False
+    assert asyncio.run(retry(ActorDiedError(), attempt=rc.RETRY_ATTEMPTS)) is False
     assert asyncio.run(retry(full, attempt=50)) is True  # ...and its queue filling is waited out
     assert asyncio.run(retry(full, deadline=time.monotonic())) is False  # never past the deadline
-    gate._lost_at -= ingress.OUTAGE_WINDOW_S
+    gate.lost_at -= rc.OUTAGE_WINDOW_S
     assert asyncio.run(retry(full)) is False  # the window is over: overload again
 
 
@@ -189,19 +188,14 @@ QUEUE_FULL = {
 
 @pytest.fixture
 def gate(monkeypatch):
-    """An Ingress without Serve: only its retry and streaming methods are used."""
+    """A ReplicaClient without Serve: its retry and streaming paths run against fakes."""
     import time
-    from types import SimpleNamespace
 
-    import deployments.ingress as ingress
-    from deployments.admission import FullQueues
+    import deployments.replica_client as rc
 
-    monkeypatch.setattr(ingress, "OUTAGE_RETRY_S", 0.001)
-    monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.001)
-    g = object.__new__(ingress.Ingress.func_or_class)
-    g._lost_at = float("-inf")
-    g.queues = FullQueues()
-    g.settings = SimpleNamespace(request_timeout_s=60)
+    monkeypatch.setattr(rc, "OUTAGE_RETRY_S", 0.001)
+    monkeypatch.setattr(rc, "RETRY_BACKOFF_S", 0.001)
+    g = rc.ReplicaClient(request_timeout_s=60)
     g.far = time.monotonic() + 60
     return g
 
@@ -209,11 +203,12 @@ def gate(monkeypatch):
 def body_of(gate, stream, first) -> list[str]:
     import asyncio
 
+    from deployments.serving import sse
     from deployments.sse import ChunkFormatter
 
     async def collect() -> list[str]:
         fmt = ChunkFormatter("completion", "cmpl-1", "student", 1, False)
-        return [f async for f in gate.sse(stream, first, fmt, gate.far)]
+        return [f async for f in sse(gate, stream, first, fmt, gate.far)]
 
     return asyncio.run(collect())
 
@@ -221,11 +216,10 @@ def body_of(gate, stream, first) -> list[str]:
 @pytest.mark.timeout(10)
 def test_stream_before_its_first_frame_is_retried_like_a_non_streamed_call(gate):
     import asyncio
-    import time
 
     from ray.exceptions import ActorDiedError
 
-    gate._lost_at = time.monotonic()  # a replica was just lost: the outage window
+    gate.replica_lost()  # a replica was just lost: the outage window
     lost_after_start = FakeStream(START, ActorDiedError())  # gone before its first token
     served = FakeStream(START, DELTA, END)
     handle = FakeHandle(full_queue_stream(), FakeStream(QUEUE_FULL), lost_after_start, served)
@@ -271,4 +265,4 @@ def test_stream_that_loses_its_replica_after_a_frame_ends_with_error_and_done(ga
     error = json.loads(frames[1].removeprefix("data: "))["error"]
     assert error["code"] == 503 and "lost" in error["message"]
     assert frames[2:] == ["data: [DONE]\n\n"] and stream.cancelled
-    assert gate._lost_at > float("-inf")  # full queues from now on are the outage's doing
+    assert gate.lost_at > float("-inf")  # full queues from now on are the outage's doing
