@@ -19,7 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "memory, size, quality; serving / baseline: the load generator against Serve / the "
         "older Flask server; race: both; gpu: eager vs CUDA-graph decode; all: `make bench`",
     )
-    p.add_argument("--variant", default="student", help="variant to benchmark / serve")
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="variant to benchmark / serve (default: the profile's default_variant)",
+    )
     p.add_argument(
         "--concurrency",
         type=int,
@@ -46,9 +50,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
 
     profile = load_profile_arg(args.config, args.artifacts)
     store = ArtifactStore(profile.artifacts_root(), profile.name)
-    folder = store.path(args.variant)
-    if store.manifest(args.variant) is None:
-        raise FileNotFoundError(f"{args.variant} is not built: run `make artifacts`")
+    variant = args.variant or profile.default_variant
+    folder = store.path(variant)
+    if store.manifest(variant) is None:
+        raise FileNotFoundError(f"{variant} is not built: run `make artifacts`")
     result = engine_main(
         folder,
         concurrencies=tuple(args.concurrency or (1, 4, 16)),

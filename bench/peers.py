@@ -245,6 +245,7 @@ def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[st
     profile = load_profile(plan.config)
     root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
     store = ArtifactStore(root, profile.name)
+    plan.resolve_variant(profile)
     folder = store.path(plan.variant)
     wait_for(folder / "manifest.json", plan.wait_s)
     onnx = f"{plan.variant}-onnx"
@@ -358,7 +359,11 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
     p.add_argument("--config", default=d.config, help="profile of the student (default tiny)")
     p.add_argument("--artifacts", default=None, help="override the profile's artifacts_dir")
     p.add_argument("--serve-config", default=d.serve_config, help="slimserve's Serve config")
-    p.add_argument("--variant", default=d.variant, help="the variant every server serves")
+    p.add_argument(
+        "--variant",
+        default=d.variant,
+        help="the variant every server serves (default: the profile's default_variant)",
+    )
     p.add_argument("--report-dir", default=d.reports_dir, help="where bench_peers.* go")
     p.add_argument(
         "--concurrency", type=int, nargs="+", default=list(d.concurrencies), help="levels"

@@ -48,7 +48,7 @@ class BenchPlan:
     config: str = "configs/tiny.yaml"
     serve_config: str = "serve_config.yaml"
     artifacts: str | None = None  # None = the profile's artifacts_dir
-    variant: str = "student"  # served by both sides of the race
+    variant: str | None = None  # served by both sides of the race (None: the profile's default)
     reports_dir: str = "reports"
     parts: Sequence[str] = ("variants", "baseline", "serving", "gpu")
     concurrencies: Sequence[int] = (1, 4, 16, 32)
@@ -60,6 +60,11 @@ class BenchPlan:
     baseline_threads: int = 2
     command: str | None = None
     loads: list[str] = field(default_factory=list)  # load averages, as measured
+
+    def resolve_variant(self, profile: Any) -> str:
+        """`variant`, or the profile's default variant when none was named."""
+        self.variant = self.variant or profile.default_variant
+        return self.variant
 
     def load(self, when: str) -> str:
         one, five, fifteen = os.getloadavg()
@@ -110,7 +115,7 @@ def start_serve(
     config: str | Path | None = None,
     artifacts_dir: str | Path | None = None,
     port: int | None = None,
-    need: Sequence[str] = ("student",),
+    need: Sequence[str] | None = None,
     timeout_s: float = 900.0,
 ) -> Iterator[str]:
     """`serve run serve_config.yaml` in this process, on its own local Ray and a free port.
@@ -120,7 +125,8 @@ def start_serve(
     changed, and `config` / `artifacts_dir` overriding the args when given. A private Ray
     (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after
     (a Ray this process had already started is used instead, and left running).
-    Yields the base URL once every variant in `need` is deployed and the app is RUNNING.
+    Yields the base URL once every variant in `need` (default: the profile's default variant)
+    is deployed and the app is RUNNING.
     """
     import ray
     import yaml
@@ -135,6 +141,11 @@ def start_serve(
         args["config"] = str(Path(config).resolve())
     if artifacts_dir is not None:
         args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
+    if need is None:
+        from slimserve.catalogue import load_profile
+        from slimserve.cli import DEFAULT_CONFIG
+
+        need = (load_profile(args.get("config", DEFAULT_CONFIG)).default_variant,)
     schema = ServeDeploySchema.model_validate(raw)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray starts its workers (replicas, proxy) at niceness 15, so any other busy process on
@@ -236,6 +247,7 @@ def run_all(plan: BenchPlan) -> list[Path]:
     profile = load_profile(plan.config)
     root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
     store = ArtifactStore(root, profile.name)
+    plan.resolve_variant(profile)
     if {"baseline", "serving"} & set(plan.parts) and store.manifest(plan.variant) is None:
         raise FileNotFoundError(f"{plan.variant} is not built: run `make artifacts`")
     out = Path(plan.reports_dir)

@@ -10,7 +10,9 @@ from slimserve.cli import Verb, load_profile_arg
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["prune"], help="prune: L1 amounts and structured ratios")
-    p.add_argument("--parent", default="student", help="variant to prune (default student)")
+    p.add_argument(
+        "--parent", default=None, help="variant to prune (default: the profile's default_variant)"
+    )
     p.add_argument(
         "--amounts", type=float, nargs="+", help="L1 amounts in (0, 1) (default 0.1-0.9)"
     )

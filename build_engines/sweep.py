@@ -80,7 +80,7 @@ def _ratio(x: float | None, base: float | None) -> float | None:
 def run_prune_sweep(
     profile: Profile,
     *,
-    parent: str = "student",
+    parent: str | None = None,
     amounts: Sequence[float] = DEFAULT_AMOUNTS,
     scope: str = "global",
     structured: bool = True,
@@ -101,6 +101,7 @@ def run_prune_sweep(
         raise ValueError(f"--scope must be 'global' or 'layer', got {scope!r}")
     if repeats < 1 or steps < 1 or threads < 1:
         raise ValueError("--repeats, --steps and --threads must be >= 1")
+    parent = parent or profile.default_variant
     if parent not in profile.variants:
         raise ValueError(f"--parent: no variant {parent!r} (have: {', '.join(profile.variants)})")
     store = ArtifactStore(profile.artifacts_root(), profile.name)

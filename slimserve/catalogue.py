@@ -87,6 +87,10 @@ class Profile(Strict):
     training: TrainingDefaults = Field(default_factory=TrainingDefaults)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     teacher: str = Field("teacher", description="the reference variant for agreement and KD")
+    default_variant: str = Field(
+        "student",
+        description="the variant the CLI, the benchmarks and the sweep use when none is named",
+    )
     variants: dict[str, VariantConfig]
 
     # Filled by load_profile: each variant's params validated by its step's model.
@@ -165,6 +169,10 @@ def _variant_problems(profile: Profile) -> list[str]:
             problems.append(f"variants.{name}.from: no variant named {v.from_!r}")
         if spec.uses_teacher and profile.teacher not in profile.variants:
             problems.append(f"teacher: no variant named {profile.teacher!r} (needed by {name})")
+    # Checked only when the file names it, so a profile without that variant still loads.
+    named = "default_variant" in profile.model_fields_set
+    if named and profile.default_variant not in profile.variants:
+        problems.append(f"default_variant: no variant named {profile.default_variant!r}")
     if problems:
         return problems
     # Cycle detection (DFS with colours) over the dependency edges.
@@ -191,7 +199,7 @@ def _raw_variant_problems(raw: dict[str, Any], already: list[str]) -> list[str]:
     variants = raw.get("variants")
     if not isinstance(variants, dict) or any(line.startswith("variants.") for line in already):
         return []
-    fields = {k: raw[k] for k in ("name", "variants", "teacher") if k in raw}
+    fields = {k: raw[k] for k in ("name", "variants", "teacher", "default_variant") if k in raw}
     try:
         partial = Profile.model_validate({**fields, "name": "x"})
     except ValidationError:

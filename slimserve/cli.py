@@ -132,6 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from slimserve.sampling import SamplingParams
 
     profile = load_profile_arg(args.config, args.artifacts)
+    args.variant = args.variant or profile.default_variant
     if args.variant not in profile.variants:
         raise ValueError(
             f"--variant: no variant {args.variant!r} (have: {', '.join(profile.variants)})"
@@ -173,7 +174,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default="student", help="variant to run (default student)")
+    p.add_argument(
+        "--variant", default=None, help="variant to run (default: the profile's default_variant)"
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, (0, 1]")

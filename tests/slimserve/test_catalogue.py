@@ -103,3 +103,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(CatalogueError, match="not valid YAML"):
         load_profile(bad)
+
+
+def test_default_variant_is_named_by_the_profile():
+    for cfg in ("configs/tiny.yaml", "configs/gpt2.yaml"):
+        profile = load_profile(cfg)
+        assert profile.default_variant in profile.variants
+    teacher = {"step": "finetune", "params": {"pretrained": "gpt2"}}
+    raw = {"name": "x", "variants": {"teacher": teacher}}
+    assert parse_profile(raw).default_variant == "student"  # unnamed: not checked
+    with pytest.raises(CatalogueError, match="default_variant: no variant named 'ghost'"):
+        parse_profile({**raw, "default_variant": "ghost"})
