@@ -38,6 +38,7 @@ from slimserve.artifacts import ArtifactError, ArtifactStore
 from slimserve.catalogue import Profile
 from slimserve.hardware import missing
 from slimserve.reports import Chart, Report, Table, new_report
+from slimserve.runtimes import runtime_spec
 from slimserve.steps import STEPS
 
 BATCHES = (1, 8)
@@ -135,12 +136,6 @@ def _measure_isolated(folder: Path, kwargs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _skip_reason(runtime: str) -> str | None:
-    if runtime == "tensorrt":
-        return missing("tensorrt")
-    return None
-
-
 def run_variants(
     profile: Profile,
     store: ArtifactStore,
@@ -171,7 +166,7 @@ def run_variants(
             "perplexity": None if m.perplexity is None else round(m.perplexity, 2),
             "agreement": None if m.agreement is None else round(m.agreement, 4),
         }
-        reason = _skip_reason(manifest.runtime)
+        reason = missing(runtime_spec(manifest.runtime).requires)  # TensorRT without a GPU
         if reason:
             rows.append({**row, "note": f"not run: {reason}"})
             continue

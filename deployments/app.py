@@ -17,12 +17,11 @@ cannot all be scheduled fail here, listing each, instead of a deployment that ne
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from ray.serve import Application
@@ -31,6 +30,7 @@ from deployments.ingress import Ingress
 from deployments.messages import NOT_BUILT
 from deployments.settings import (
     INGRESS_NAME,
+    IngressSettings,
     VariantSettings,
     deployment_options,
     fit_gpus,
@@ -41,27 +41,53 @@ from deployments.settings import (
 )
 from slimserve.artifacts import MANIFEST, ArtifactError, ArtifactStore, Manifest
 from slimserve.catalogue import Profile, load_profile
-from slimserve.hardware import gpu_runtime_missing, missing
+from slimserve.hardware import machine, missing
 from slimserve.protocol import ModelCard
+from slimserve.runtimes import RUNTIMES, gpu_runtime_missing, runtime_spec
 from slimserve.steps import STEPS
 
 log = logging.getLogger("ray.serve")
 
-# What each runtime needs importable on the node (slimserve.runtimes loads them lazily).
-RUNTIME_MODULES = {
-    "torch": ["torch", "slimserve.runtimes.torch_rt"],
-    "onnxruntime": ["onnxruntime", "slimserve.runtimes.onnx_rt"],
-    "tensorrt": ["tensorrt", "slimserve.runtimes.trt_rt"],
-}
+
+class ServerArgs(BaseModel):
+    """`ModelServer(...)` constructor arguments: what one variant's replicas load."""
+
+    variant: str
+    folder: str  # absolute: a replica may not start in the project folder
+    device: Literal["cpu", "cuda"]
+    threads: int  # intra-op threads, explicit (a fractional-CPU replica would get one)
+    dtype: str | None = None  # passed on only to runtimes that choose a precision at load
 
 
 class VariantPlan(BaseModel):
-    """One catalogue variant: its card, and how to deploy it (None: not deployed)."""
+    """One catalogue variant: its card, and how to deploy it (options None: not deployed)."""
 
     card: ModelCard
-    options: dict[str, Any] | None = None
-    init: dict[str, Any] | None = None  # ModelServer constructor arguments
+    options: dict[str, Any] | None = None  # `Deployment.options(...)`, Ray Serve's names
+    init: ServerArgs | None = None
     gpu_share: float | None = None  # on a GPU: its num_gpus per replica (None = auto)
+
+
+class DeploymentPlan(BaseModel):
+    """What `build_app` deploys, decided without Serve: every variant's plan, the ingress's
+    settings, and what /v1/models and /healthz report."""
+
+    profile: str
+    teacher: str
+    variants: list[VariantPlan]  # every catalogue variant, in build order
+    ingress: IngressSettings
+    message: str | None = None  # NOT_BUILT when no variant is built
+    machine: dict[str, Any]  # the builder's machine stamp, cluster GPUs, artifacts folder
+
+    def catalogue(self) -> dict[str, Any]:
+        """The ingress's catalogue: profile, teacher, every card, message, machine."""
+        return {
+            "profile": self.profile,
+            "teacher": self.teacher,
+            "cards": [p.card.model_dump() for p in self.variants],
+            "message": self.message,
+            "machine": self.machine,
+        }
 
 
 def cluster_gpus() -> float:
@@ -73,18 +99,6 @@ def cluster_gpus() -> float:
     from slimserve.hardware import cuda_devices
 
     return float(cuda_devices())
-
-
-def runtime_missing(runtime: str) -> str | None:
-    """Why a runtime cannot load on this node, or None."""
-    for module in RUNTIME_MODULES.get(runtime, [f"<unknown runtime {runtime}>"]):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            return f"runtime {runtime!r} unavailable here (cannot import {module})"
-    return None
 
 
 def context_length(folder: Path, manifest: Manifest) -> int | None:
@@ -99,12 +113,13 @@ def context_length(folder: Path, manifest: Manifest) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "onnx.json", "trt.json")
-WEIGHTS = {
-    "torch": ("model.safetensors", "pytorch_model.bin"),
-    "onnxruntime": ("model.onnx",),
-    "tensorrt": ("model.plan",),
-}
+# Every JSON file an artifact may hold: the HF config and tokenizer, and each runtime's sidecar.
+JSON_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    *(s.files.sidecar for s in RUNTIMES.values() if s.files.sidecar),
+)
 
 
 def check_files(folder: Path, manifest: Manifest) -> str | None:
@@ -112,9 +127,10 @@ def check_files(folder: Path, manifest: Manifest) -> str | None:
 
     Cheap checks run at deploy time, so a broken artifact becomes "unavailable: <reason>"
     in /v1/models instead of a replica that fails to start and takes the application with it:
-    every JSON sidecar parses and, when the manifest records its size (`bytes`; every build
-    does), the weights exist (model.onnx: the one the `onnx.json` sidecar names), a safetensors
-    file is exactly as long as its header says, and the files add up to `manifest.bytes`.
+    every JSON sidecar parses, the files the runtime's spec requires exist and, when the
+    manifest records its size (`bytes`; every build does), the weights exist (by the name the
+    sidecar gives, when it names them), a safetensors file is exactly as long as its header
+    says, and the files add up to `manifest.bytes`.
     The build writes `bytes` with a provisional manifest in the folder, so the data files may
     fall short of it by at most the size of the final manifest.
     """
@@ -125,16 +141,13 @@ def check_files(folder: Path, manifest: Manifest) -> str | None:
                 json.loads(path.read_bytes())
             except (ValueError, OSError) as exc:
                 return f"{name} is corrupt ({type(exc).__name__})"
-    if manifest.runtime == "torch" and not (folder / "config.json").is_file():
-        return "config.json is missing"
+    spec = runtime_spec(manifest.runtime)
+    for name in spec.files.required:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
     if manifest.bytes <= 0:  # a manifest that records no sizes does not describe its files
         return None
-    weights = list(WEIGHTS.get(manifest.runtime, ()))
-    sidecar = folder / "onnx.json"
-    if manifest.runtime == "onnxruntime" and sidecar.is_file():
-        meta_json = json.loads(sidecar.read_bytes())
-        named = meta_json.get("model") if isinstance(meta_json, dict) else None
-        weights = [Path(named).name] if isinstance(named, str) else weights
+    weights = spec.weight_files(folder)
     found = [folder / w for w in weights if (folder / w).is_file()]
     if not found:
         return f"weights missing (none of {', '.join(weights)})"
@@ -195,9 +208,10 @@ def plan_variant(
     if not s.enabled:
         card.reason = f"disabled in serve_config.yaml (args.variants.{name}.enabled: false)"
         return VariantPlan(card=card)
-    no_gpu = gpu_runtime_missing(manifest.runtime) if gpus > 0 else None
-    placement = place(manifest.runtime, s, gpus, no_gpu, onnx_precision(folder, manifest))
-    card.reason = placement.reason or runtime_missing(manifest.runtime)
+    spec = runtime_spec(manifest.runtime)
+    no_gpu = gpu_runtime_missing(spec.name) if gpus > 0 else None
+    placement = place(spec.name, s, gpus, no_gpu, spec.precision(folder))
+    card.reason = placement.reason or spec.missing_here()
     if card.reason is not None:
         return VariantPlan(card=card)
     card.note = placement.note
@@ -206,29 +220,19 @@ def plan_variant(
         card.reason = f"unavailable: {problem}"
         log.warning("%s: %s", name, card.reason)
         return VariantPlan(card=card)
+    assert placement.device is not None  # place() gives a reason whenever it gives no device
     card.deployed = True
     card.device = placement.device
     card.replicas = s.replicas or (s.autoscaling.min_replicas if s.autoscaling else 1)
-    init = {
-        "variant": name,
-        "folder": str(folder.resolve()),
-        "device": placement.device,
-        "threads": s.torch_threads,
-        "dtype": s.dtype,
-    }
+    init = ServerArgs(
+        variant=name,
+        folder=str(folder.resolve()),
+        device=placement.device,
+        threads=s.torch_threads,
+        dtype=s.dtype,
+    )
     options = deployment_options(s, placement)
     return VariantPlan(card=card, options=options, init=init, gpu_share=placement.num_gpus)
-
-
-def onnx_precision(folder: Path, manifest: Manifest) -> str | None:
-    """An ONNX variant's graph precision ("float32" | "int8") from its sidecar, else None."""
-    if manifest.runtime != "onnxruntime":
-        return None
-    try:
-        meta = json.loads((folder / "onnx.json").read_bytes())
-    except (OSError, ValueError):
-        return None  # check_files names a corrupt sidecar
-    return meta.get("precision") if isinstance(meta, dict) else None
 
 
 def fit_plans(plans: list[VariantPlan], gpus: float) -> None:
@@ -245,8 +249,8 @@ def fit_plans(plans: list[VariantPlan], gpus: float) -> None:
         options[name]["ray_actor_options"]["num_gpus"] = share
 
 
-def plan(args: dict[str, Any] | None) -> tuple[list[VariantPlan], dict[str, Any]]:
-    """Every variant's plan and the ingress's catalogue, from the builder's args (no Ray)."""
+def plan(args: dict[str, Any] | None) -> DeploymentPlan:
+    """Every variant's plan and the ingress's settings, from the builder's args (no Ray)."""
     settings = parse_args(args)
     profile = load_profile(resolve_path(settings.config))
     root = resolve_path(settings.artifacts_dir or profile.artifacts_dir)
@@ -258,29 +262,27 @@ def plan(args: dict[str, Any] | None) -> tuple[list[VariantPlan], dict[str, Any]
     plans = [plan_variant(n, profile, store, per_variant[n], gpus) for n in profile.order()]
     fit_plans(plans, gpus)
     built = any(p.card.runtime is not None for p in plans)
-    from slimserve.hardware import machine
-
-    catalogue = {
-        "profile": profile.name,
-        "teacher": profile.teacher,
-        "cards": [p.card.model_dump() for p in plans],
-        "message": None if built else NOT_BUILT,
-        "machine": {**machine(), "cluster_gpus": gpus, "artifacts": str(store.dir)},
-        "ingress": settings.ingress.model_dump(),
-    }
-    return plans, catalogue
+    return DeploymentPlan(
+        profile=profile.name,
+        teacher=profile.teacher,
+        variants=plans,
+        ingress=settings.ingress,
+        message=None if built else NOT_BUILT,
+        machine={**machine(), "cluster_gpus": gpus, "artifacts": str(store.dir)},
+    )
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder: one deployment per deployable variant, one ingress."""
     from deployments.model import ModelServer  # torch is imported by model replicas only
 
-    plans, catalogue = plan(args)
+    deployment = plan(args)
     models = {}
-    for p in plans:
+    for p in deployment.variants:
         if p.options is None or p.init is None:
             log.info("not deploying %s: %s", p.card.id, p.card.reason)
             continue
-        models[p.card.id] = ModelServer.options(name=p.card.id, **p.options).bind(**p.init)
-    settings = catalogue.pop("ingress")
-    return Ingress.bind(models, catalogue, settings)
+        models[p.card.id] = ModelServer.options(name=p.card.id, **p.options).bind(
+            **p.init.model_dump()
+        )
+    return Ingress.bind(models, deployment.catalogue(), deployment.ingress.model_dump())

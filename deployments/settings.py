@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slimserve.strict import Strict as CoreStrict
+from slimserve.runtimes import runtime_spec
 
 INGRESS_NAME = "Ingress"
 """Deployment name of the ingress: the only entry `serve_config.yaml` lists under deployments."""
@@ -35,8 +35,8 @@ class SettingsError(ValueError):
     """Bad `args` in serve_config.yaml; the message names every bad field."""
 
 
-class Strict(CoreStrict):
-    model_config = ConfigDict(allow_inf_nan=False)
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AutoscalingSettings(Strict):
@@ -235,27 +235,29 @@ def place(
     """GPU (a fractional share) when the cluster has one, the settings allow it and the runtime
     can use it, else CPU, saying why in `note`.
 
-    gpu_missing: why the runtime's package cannot use a GPU (`hardware.gpu_runtime_missing`:
-    a CPU build of torch, onnxruntime without its CUDA provider). precision: an ONNX graph's
-    ("int8" stays on CPU unless `device: cuda`). TensorRT runs only on a GPU; torch and ONNX
-    Runtime run on either.
+    runtime: the manifest's; its spec says whether it runs on a GPU only (TensorRT) or on
+    either. gpu_missing: why the runtime's package cannot use a GPU
+    (`slimserve.runtimes.gpu_runtime_missing`: a CPU build of torch, onnxruntime without its
+    CUDA provider). precision: a graph's fixed precision ("int8" stays on CPU unless
+    `device: cuda`).
     """
+    spec = runtime_spec(runtime)
     if s.device == "cuda" and s.num_gpus == 0:
         return Placement(device=None, reason="device: cuda needs num_gpus > 0")
     wants_gpu = s.device == "cuda" or (s.device == "auto" and s.num_gpus != 0)
     note = None
     if cluster_gpus > 0 and wants_gpu and s.device == "auto" and precision == "int8":
         wants_gpu, note = False, INT8_ON_CPU
-    if wants_gpu and cluster_gpus > 0 and gpu_missing and runtime != "tensorrt":
+    if wants_gpu and cluster_gpus > 0 and gpu_missing and not spec.needs_gpu:
         if s.device == "cuda":
             return Placement(device=None, reason=f"device: cuda, but {gpu_missing}")
         wants_gpu, note = False, f"on CPU: {gpu_missing}"
     if wants_gpu and cluster_gpus > 0:
         share = None if s.num_gpus == "auto" else float(s.num_gpus)
         return Placement(device="cuda", num_gpus=share)
-    if runtime == "tensorrt":
+    if spec.needs_gpu:
         why = "device: cpu" if s.device == "cpu" else "no GPU in the Ray cluster"
-        return Placement(device=None, reason=f"TensorRT needs an NVIDIA GPU ({why})")
+        return Placement(device=None, reason=f"{spec.label} needs an NVIDIA GPU ({why})")
     if s.device == "cuda":
         return Placement(device=None, reason="device: cuda, but the Ray cluster has no GPU")
     return Placement(device="cpu", note=note)

@@ -57,7 +57,7 @@ def cards(config: Path, root: Path) -> dict[str, tuple[bool, str | None]]:
     """Each variant of the profile: (would be deployed, reason), as the builder plans it."""
     from deployments.app import plan
 
-    plans, _ = plan({"config": str(config), "artifacts_dir": str(root)})
+    plans = plan({"config": str(config), "artifacts_dir": str(root)}).variants
     return {p.card.id: (p.options is not None, p.card.reason) for p in plans}
 
 

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from slimserve.reports import Table, new_report, write_report
 
     a = _args(argv)
-    plans, catalogue = plan({"config": a.config, "artifacts_dir": a.artifacts_dir})
+    deployment = plan({"config": a.config, "artifacts_dir": a.artifacts_dir})
+    plans, catalogue = deployment.variants, deployment.catalogue()
     card = next(p.card for p in plans if p.card.id == a.variant)
     if not card.deployed:
         print(f"{a.variant} cannot be served: {card.reason}")

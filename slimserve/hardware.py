@@ -32,30 +32,6 @@ def tensorrt_missing() -> str | None:
     return None
 
 
-@lru_cache(maxsize=4)
-def gpu_runtime_missing(runtime: str) -> str | None:
-    """Why this node's package for `runtime` cannot run on a GPU (whatever GPUs it has), or None.
-
-    Asked about the package, not the device, so a CPU-only process (the Serve app builder) can
-    tell whether a replica on a GPU node of the same image could use its GPU.
-    """
-    if runtime == "torch":
-        import torch
-
-        if torch.backends.cuda.is_built():
-            return None
-        return f"torch {torch.__version__} is a CPU build"
-    if runtime == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed"
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return None
-        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (needs onnxruntime-gpu)"
-    return None  # TensorRT runs on GPUs only; whether it imports is checked on its own
-
-
 def missing(requirement: str) -> str | None:
     """One line saying why `requirement` ("none" | "gpu" | "tensorrt") is not met, or None."""
     if requirement == "none":

@@ -55,16 +55,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from slimserve.strict import Strict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA = "slimserve.report/1"
 Cell = str | int | float | bool | None
 _VERSIONED = ("slimserve", "torch", "transformers", "onnxruntime", "ray", "tensorrt")
 
 
-class Table(Strict):
+class _Strict(BaseModel):
+    """A typo in a writer's field name is an error, not a silently missing column."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Table(_Strict):
     """A rectangular table: `rows[i][j]` is the value of `columns[j]` (None = not measured)."""
 
     title: str
@@ -99,7 +103,7 @@ class Table(Strict):
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
-class Chart(Strict):
+class Chart(_Strict):
     """A plot of one table: `x` is a column, `y` the numeric columns drawn against it."""
 
     title: str
@@ -111,10 +115,8 @@ class Chart(Strict):
     y_label: str | None = None
 
 
-class Report(Strict):
+class Report(_Strict):
     """One benchmark or sweep result; see the module docstring for the file format."""
-
-    model_config = ConfigDict(populate_by_name=True)  # `schema_id=` as well as `schema`
 
     schema_id: Literal["slimserve.report/1"] = Field(SCHEMA, alias="schema")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)

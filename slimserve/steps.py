@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-
-from slimserve.strict import Strict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Requirement = Literal["none", "gpu", "tensorrt"]
 
 
-class Params(Strict):
-    """Base of every step's parameters."""
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class Budget(Params):

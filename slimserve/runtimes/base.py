@@ -28,6 +28,8 @@ Logits are always float32.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -138,3 +140,49 @@ def select(state: KVState, rows: list[int]) -> KVState:
     keys = [k.index_select(0, index)[:, :, start:] for k in state.keys]
     values = [v.index_select(0, index)[:, :, start:] for v in state.values]
     return KVState(keys, values, mask[:, start:], state.positions.index_select(0, index))
+
+
+TORCH_THREADS_ENV = "SLIMSERVE_TORCH_THREADS"
+
+
+def resolve_threads(threads: int | None, envs: Sequence[str] = (TORCH_THREADS_ENV,)) -> int:
+    """Explicit value, else the first of `envs` that is set, else every CPU (Ray would give
+    a fractional-CPU replica one thread by accident)."""
+    if threads is None:
+        for env in envs:
+            raw = os.environ.get(env)
+            if raw:
+                try:
+                    threads = int(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{env} must be an integer, got {raw!r}") from exc
+                break
+        else:
+            threads = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+def resolve_device(device: str | None, gpu_missing: str | None = None) -> torch.device:
+    """The device a runtime loads onto: "cpu" or "cuda:N" (an index always, so it can be
+    reported). None picks CUDA when torch sees a GPU and the backend can use it (`gpu_missing`
+    is None: why the backend's package cannot run on a GPU); "cuda" is the current CUDA device.
+    """
+    if device is None:
+        device = "cuda" if gpu_missing is None and torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if gpu_missing is not None:
+        raise ValueError(f"device {device!r} requested but {gpu_missing}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

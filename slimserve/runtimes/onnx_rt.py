@@ -28,7 +28,6 @@ replica loads only onnxruntime, torch tensors and `tokenizers`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,17 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+from slimserve.runtimes.base import (
+    KVState,
+    RuntimeInfo,
+    left_pad,
+    position_ids_from_mask,
+    resolve_device,
+    resolve_threads,
+)
+from slimserve.runtimes.spec import ONNXRUNTIME, onnxruntime_gpu_missing
 
-SIDECAR = "onnx.json"  # {"model": "model.onnx", "precision": "float32" | "int8", ...}
+SIDECAR = str(ONNXRUNTIME.files.sidecar)  # "onnx.json": the model file, precision, graph
 THREADS_ENVS = ("SLIMSERVE_ORT_THREADS", "SLIMSERVE_TORCH_THREADS")
 _NP_TYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -48,24 +55,6 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
-
-
-def resolve_threads(threads: int | None) -> int:
-    """Explicit value, else $SLIMSERVE_ORT_THREADS / $SLIMSERVE_TORCH_THREADS, else every CPU."""
-    if threads is None:
-        for env in THREADS_ENVS:
-            raw = os.environ.get(env)
-            if raw:
-                try:
-                    threads = int(raw)
-                except ValueError as exc:
-                    raise ValueError(f"{env} must be an integer, got {raw!r}") from exc
-                break
-        else:
-            threads = os.cpu_count() or 1
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    return threads
 
 
 def read_model_config(folder: Path) -> dict[str, int]:
@@ -89,26 +78,6 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
     if path.is_file():
         meta.update(json.loads(path.read_text()))
     return meta
-
-
-def resolve_device(device: str | None) -> str:
-    """None = CUDA when onnxruntime-gpu and a GPU are both there, else CPU."""
-    has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device is None:
-        return "cuda:0" if has_cuda_ep and torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type != "cuda":
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if not has_cuda_ep:
-        raise ValueError(
-            f"device {device!r} requested but onnxruntime has no CUDAExecutionProvider "
-            "(install onnxruntime-gpu)"
-        )
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
-    return f"cuda:{dev.index or 0}"
 
 
 class OnnxRuntime:
@@ -269,13 +238,12 @@ def load(
     *,
     device: str | None = None,
     threads: int | None = None,
-    **_ignored: Any,
 ) -> OnnxRuntime:
     """Load an ONNX artifact folder (`model.onnx` or the sidecar's file, plus `config.json`).
 
     device: "cpu", "cuda", "cuda:N" or None (CUDA when onnxruntime-gpu and a GPU are present).
     threads: ORT intra-op threads (None: $SLIMSERVE_ORT_THREADS, $SLIMSERVE_TORCH_THREADS, else
-    os.cpu_count()). Other keyword arguments (dtype) are ignored: the precision is the graph's.
+    os.cpu_count()). There is no dtype: the precision is the graph's.
     """
     folder = Path(folder)
     cfg = read_model_config(folder)
@@ -283,8 +251,8 @@ def load(
     path = folder / meta["model"]
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {meta['model']}")
-    n_threads = resolve_threads(threads)
-    dev = resolve_device(device)
+    n_threads = resolve_threads(threads, THREADS_ENVS)
+    dev = str(resolve_device(device, onnxruntime_gpu_missing(ort)))
     stream = None
     if dev == "cpu":
         providers: list[Any] = ["CPUExecutionProvider"]

@@ -18,7 +18,6 @@ column, not a copy; measured on CPU with a GPT-2-124M-sized model at batch 8, pa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,14 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+from slimserve.runtimes.base import (
+    KVState,
+    RuntimeInfo,
+    left_pad,
+    position_ids_from_mask,
+    resolve_device,
+    resolve_threads,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,42 +43,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-THREADS_ENV = "SLIMSERVE_TORCH_THREADS"
 _GROW_MIN = 32  # spare columns (at least) added when an arena is (re)allocated
-
-
-def resolve_threads(threads: int | None) -> int:
-    """Explicit value, else $SLIMSERVE_TORCH_THREADS, else every CPU (Ray would give one)."""
-    if threads is None:
-        env = os.environ.get(THREADS_ENV)
-        if env:
-            try:
-                threads = int(env)
-            except ValueError as exc:
-                raise ValueError(f"{THREADS_ENV} must be an integer, got {env!r}") from exc
-        else:
-            threads = os.cpu_count() or 1
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    return threads
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """None picks CUDA when present, else CPU; 'cuda' means the current CUDA device."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:

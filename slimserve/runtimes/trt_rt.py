@@ -40,9 +40,10 @@ from typing import Any, Protocol
 import torch
 
 from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+from slimserve.runtimes.spec import TENSORRT
 
-PLAN_FILE = "model.plan"
-SIDECAR = "trt.json"  # plan, precision, profile limits, TensorRT version, GPU
+PLAN_FILE = TENSORRT.files.weights[0]  # "model.plan"
+SIDECAR = str(TENSORRT.files.sidecar)  # "trt.json": plan, precision, profile limits, versions
 BACKEND_ENV = "SLIMSERVE_TRT_BACKEND"
 # TensorRT DataType enum names → torch dtypes (enum `.name`, so fakes can stand in for trt).
 DTYPES = {
@@ -343,14 +344,13 @@ def load(
     folder: str | Path,
     *,
     device: str | None = None,
-    threads: int | None = None,
     backend: str | None = None,
-    **_ignored: Any,
 ) -> TrtRuntime:
     """Load a build-trt artifact (`model.plan`, `trt.json`, `config.json`) onto a GPU.
 
     device: "cuda" / "cuda:N" / None. backend: "torch" (default) or "pycuda" (or
-    $SLIMSERVE_TRT_BACKEND). threads and dtype are ignored: the engine fixed its precision.
+    $SLIMSERVE_TRT_BACKEND). No threads or dtype: the engine fixed its precision and runs on
+    the GPU.
     """
     try:
         import tensorrt as trt

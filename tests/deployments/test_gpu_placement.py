@@ -18,7 +18,7 @@ from serve_helpers import PROFILE
 from deployments import app as app_module
 from deployments.app import plan
 from deployments.settings import GpuFitError, VariantSettings, fit_gpus, place
-from slimserve import hardware
+from slimserve import runtimes
 from slimserve.artifacts import ArtifactStore, Manifest, write_manifest
 
 NO_CUDA_EP = "onnxruntime 1.x has no CUDAExecutionProvider (needs onnxruntime-gpu)"
@@ -43,15 +43,15 @@ def test_int8_onnx_stays_on_cpu_unless_pinned():
 
 
 def test_gpu_runtime_missing_asks_the_packages_here():
-    hardware.gpu_runtime_missing.cache_clear()
+    runtimes.gpu_runtime_missing.cache_clear()
     import onnxruntime
     import torch
 
-    onnx_reason = hardware.gpu_runtime_missing("onnxruntime")
+    onnx_reason = runtimes.gpu_runtime_missing("onnxruntime")
     has_ep = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     assert (onnx_reason is None) == has_ep
-    assert (hardware.gpu_runtime_missing("torch") is None) == torch.backends.cuda.is_built()
-    assert hardware.gpu_runtime_missing("tensorrt") is None
+    assert (runtimes.gpu_runtime_missing("torch") is None) == torch.backends.cuda.is_built()
+    assert runtimes.gpu_runtime_missing("tensorrt") is None
 
 
 def test_default_shares_that_do_not_fit_fail_with_a_listing():
@@ -122,21 +122,23 @@ def _gpu_cluster(monkeypatch, gpus: float, onnx_gpu: bool) -> None:
 def test_plan_puts_onnx_on_cpu_with_a_note_and_fits_auto_shares(tmp_path, monkeypatch):
     _gpu_cluster(monkeypatch, 1.0, onnx_gpu=False)
     profile, store = _store(tmp_path, "float32")
-    plans, catalogue = plan({"config": str(profile), "artifacts_dir": str(store.root)})
-    by = {p.card.id: p for p in plans}
+    deployment = plan({"config": str(profile), "artifacts_dir": str(store.root)})
+    catalogue = deployment.catalogue()
+    by = {p.card.id: p for p in deployment.variants}
     onnx = by["student-onnx"]
-    assert onnx.card.deployed and onnx.card.device == "cpu" and onnx.init["device"] == "cpu"
+    assert onnx.card.deployed and onnx.card.device == "cpu" and onnx.init.device == "cpu"
     assert "CUDAExecutionProvider" in (onnx.card.note or "")
     assert onnx.options["ray_actor_options"]["num_gpus"] == 0.0
     assert [c["note"] for c in catalogue["cards"] if c["id"] == "student-onnx"] == [onnx.card.note]
     gpu_shares = [by[n].options["ray_actor_options"]["num_gpus"] for n in ("teacher", "student")]
-    assert gpu_shares == [0.5, 0.5] and by["teacher"].init["device"] == "cuda"
+    assert gpu_shares == [0.5, 0.5] and by["teacher"].init.device == "cuda"
 
 
 def test_plan_with_onnxruntime_gpu_keeps_int8_on_cpu(tmp_path, monkeypatch):
     _gpu_cluster(monkeypatch, 1.0, onnx_gpu=True)
     profile, store = _store(tmp_path, "int8")
-    by = {p.card.id: p for p in plan({"config": str(profile), "artifacts_dir": str(store.root)})[0]}
+    deployment = plan({"config": str(profile), "artifacts_dir": str(store.root)})
+    by = {p.card.id: p for p in deployment.variants}
     assert by["student-onnx"].card.device == "cpu" and "int8" in by["student-onnx"].card.note
 
 

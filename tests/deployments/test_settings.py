@@ -156,8 +156,11 @@ def test_plan_records_why_variants_are_not_deployed(tmp_path, monkeypatch):
         "config": str(profile),
         "artifacts_dir": str(store.root),
         "variants": {"student-b": {"enabled": False}},
+        "ingress": {"request_timeout_s": 60},
     }
-    plans, catalogue = plan(args)
+    deployment = plan(args)
+    assert deployment.ingress.request_timeout_s == 60
+    plans = deployment.variants
     cards = {p.card.id: p.card for p in plans}
     assert set(cards) == set(PROFILE["variants"])
     assert cards["teacher"].deployed and cards["teacher"].device == "cpu"
@@ -166,16 +169,18 @@ def test_plan_records_why_variants_are_not_deployed(tmp_path, monkeypatch):
     assert cards["student-b"].reason == NOT_BUILT  # not built wins over disabled
     assert "corrupt manifest" in (cards["student-onnx"].reason or "")
     assert "NVIDIA GPU" in (cards["student-trt"].reason or "")
-    assert catalogue["message"] is None and catalogue["teacher"] == "teacher"
+    assert deployment.message is None and deployment.teacher == "teacher"
+    assert deployment.catalogue()["cards"] == [p.card.model_dump() for p in plans]
+    assert "ingress" not in deployment.catalogue()  # the ingress gets its settings apart
 
     # A TensorRT variant never built on this machine says why, instead of "run make artifacts".
     shutil.rmtree(store.path("student-trt"))
-    cards = {p.card.id: p.card for p in plan(args)[0]}
+    cards = {p.card.id: p.card for p in plan(args).variants}
     reason = cards["student-trt"].reason or ""
     assert reason.startswith("not built: ") and reason != NOT_BUILT and "GPU" in reason
     deployed = [p for p in plans if p.options is not None]
     assert {p.card.id for p in deployed} == {"teacher", "student"}
-    assert all(p.init and p.init["device"] == "cpu" and p.init["threads"] == 1 for p in deployed)
+    assert all(p.init and p.init.device == "cpu" and p.init.threads == 1 for p in deployed)
 
 
 def test_plan_on_a_gpu_cluster_uses_the_same_args(tmp_path, monkeypatch):
@@ -188,11 +193,10 @@ def test_plan_on_a_gpu_cluster_uses_the_same_args(tmp_path, monkeypatch):
         "defaults": {"num_gpus": 0.5},
         "variants": {"student": {"device": "cpu"}},
     }
-    plans, _ = plan(args)
-    by = {p.card.id: p for p in plans}
-    assert by["teacher"].init and by["teacher"].init["device"] == "cuda"
+    by = {p.card.id: p for p in plan(args).variants}
+    assert by["teacher"].init and by["teacher"].init.device == "cuda"
     assert by["teacher"].options and by["teacher"].options["ray_actor_options"]["num_gpus"] == 0.5
-    assert by["student"].init and by["student"].init["device"] == "cpu"
+    assert by["student"].init and by["student"].init.device == "cpu"
     trt = by["student-trt"].card
     # With a GPU, TensorRT is placed; it deploys only where the tensorrt package imports.
     assert trt.deployed or "tensorrt" in (trt.reason or "")
@@ -202,8 +206,9 @@ def test_plan_without_artifacts_says_not_built(tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, "cluster_gpus", lambda: 0.0)
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump(PROFILE))
-    plans, catalogue = plan({"config": str(profile), "artifacts_dir": str(tmp_path / "none")})
-    assert catalogue["message"] == NOT_BUILT
+    deployment = plan({"config": str(profile), "artifacts_dir": str(tmp_path / "none")})
+    plans = deployment.variants
+    assert deployment.message == NOT_BUILT
     # "not built", and for the TensorRT variant on this GPU-less machine also why
     assert all(not p.card.deployed and p.card.reason.startswith("not built") for p in plans)
     assert sum(p.card.reason == NOT_BUILT for p in plans) == len(plans) - 1

@@ -123,11 +123,11 @@ def app_on_cpu(args: dict[str, Any]):
     from deployments.ingress import Ingress
     from deployments.model import ModelServer
 
-    plans, catalogue = plan(args)
+    deployment = plan(args)
     models = {}
-    for p in plans:
+    for p in deployment.variants:
         if p.options is not None and p.init is not None:
-            init = {**p.init, "device": "cpu", "threads": 1}
+            init = p.init.model_copy(update={"device": "cpu", "threads": 1}).model_dump()
             models[p.card.id] = ModelServer.options(name=p.card.id, **p.options).bind(**init)
-    settings = catalogue.pop("ingress")
-    return Ingress.bind(models, catalogue, settings), plans
+    ingress = deployment.ingress.model_dump()
+    return Ingress.bind(models, deployment.catalogue(), ingress), deployment.variants

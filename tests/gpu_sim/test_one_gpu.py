@@ -22,7 +22,7 @@ from sim_helpers import (
 from bench.serving import free_port
 from deployments import app as app_module
 from deployments.settings import GpuFitError
-from slimserve import hardware
+from slimserve import runtimes
 from slimserve.catalogue import TrainingDefaults
 from training.trainer import plan_workers
 
@@ -33,7 +33,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def gpu_image(monkeypatch, onnxruntime_gpu: bool = False) -> None:
     """The builder sees the GPU image's packages: torch with CUDA (onnxruntime-gpu if asked)."""
-    real = hardware.gpu_runtime_missing
+    real = runtimes.gpu_runtime_missing
 
     def missing(runtime: str) -> str | None:
         if runtime == "torch" or (runtime == "onnxruntime" and onnxruntime_gpu):
@@ -56,8 +56,9 @@ def test_tiny_profiles_serve_config_plan_fits_one_gpu(one_gpu_ray, tmp_path, mon
     gpu_image(monkeypatch)
     manifests_only_store(TINY, tmp_path)
     args = {**serve_config_args(), "config": str(TINY), "artifacts_dir": str(tmp_path)}
-    plans, catalogue = app_module.plan(args)
-    assert catalogue["machine"]["cluster_gpus"] == 1.0
+    deployment = app_module.plan(args)
+    plans = deployment.variants
+    assert deployment.machine["cluster_gpus"] == 1.0
     cards = {p.card.id: p.card for p in plans}
     on_gpu = gpu_demand(plans)
     assert sum(share * n for share, n in on_gpu.values()) <= 1.0

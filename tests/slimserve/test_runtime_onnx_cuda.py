@@ -51,6 +51,7 @@ def _fake_ort(active: list[str], sessions: list) -> SimpleNamespace:
 def fake_cuda(monkeypatch) -> list:
     log: list = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # "cuda" = the current one
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream(4242, log))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(0, log))
     return log

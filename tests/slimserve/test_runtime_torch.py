@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimserve.artifacts import ArtifactError
-from slimserve.runtimes import load, runtime_name
+from slimserve.runtimes import load, runtime_name, runtime_spec
 from slimserve.runtimes.base import KVState, Runtime, merge, select
 
 TOL = 1e-4  # fp32 on CPU: cached decode vs full forward differ only by summation order
@@ -218,9 +218,10 @@ def test_dispatch_on_manifest(tmp_path, monkeypatch, runtime, module):
     monkeypatch.setitem(sys.modules, f"slimserve.runtimes.{module}", fake)
     _manifest(tmp_path, runtime)
     assert load(tmp_path, device="cpu", dtype="float16", threads=3) == "loaded"
-    expected = {"device": "cpu", "threads": 3}
-    if runtime == "torch":
-        expected["dtype"] = "float16"
+    # each backend gets only the options its spec takes (TensorRT: neither dtype nor threads)
+    given = {"device": "cpu", "dtype": "float16", "threads": 3}
+    expected = {k: v for k, v in given.items() if k in runtime_spec(runtime).load_options}
+    assert "device" in expected and ("dtype" in expected) == (runtime == "torch")
     assert calls == [(tmp_path, expected)]
 
 
