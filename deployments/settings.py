@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slimserve.runtimes import runtime_spec
+from slimserve.strict import Strict as CoreStrict
 
 INGRESS_NAME = "Ingress"
 """Deployment name of the ingress: the only entry `serve_config.yaml` lists under deployments."""
@@ -35,8 +36,8 @@ class SettingsError(ValueError):
     """Bad `args` in serve_config.yaml; the message names every bad field."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class Strict(CoreStrict):
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class AutoscalingSettings(Strict):

@@ -16,16 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimserve.steps import STEPS
+from slimserve.strict import Strict
 
 
 class CatalogueError(ValueError):
     """A profile file with one or more problems; the message lists every one."""
-
-
-class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors (a typo never passes silently)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class SplitConfig(Strict):
@@ -70,6 +65,8 @@ class EvalConfig(Strict):
 
 
 class VariantConfig(Strict):
+    model_config = ConfigDict(populate_by_name=True)  # `from_=` as well as `from:`
+
     step: str
     from_: str | None = Field(None, alias="from", description="parent variant")
     params: dict[str, Any] = Field(default_factory=dict)

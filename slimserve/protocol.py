@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from slimserve import sampling_bounds as bounds
+from slimserve.strict import Strict
+
 MAX_PROMPT_CHARS = 32_768  # a prompt longer than this is a 400 before tokenization
 MAX_TOKENS_CAP = 2048  # per request; the variant's context is the tighter bound in practice
 MAX_STOP = 4
@@ -25,10 +28,10 @@ MAX_COMPARE_MODELS = 16
 CHAT_STOP = "\nUser:"
 
 
-class Strict(BaseModel):
+class RequestModel(Strict):
     """Unknown fields are rejected (a typo is a 400 naming it), NaN and infinities too."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=MAX_PROMPT_CHARS)
+    model_config = ConfigDict(allow_inf_nan=False, str_max_length=MAX_PROMPT_CHARS)
 
 
 class ErrorBody(BaseModel):
@@ -42,18 +45,28 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class StreamOptions(Strict):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(Strict):
+class SamplingFields(RequestModel):
     """Sampling fields shared by completions, chat and compare (engine semantics)."""
 
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CAP, description="tokens to generate")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass")
-    top_k: int = Field(0, ge=0, le=100_000, description="0 = no top-k cut (extension)")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 = off (extension)")
+    # Lower bounds (and top_p's upper one) are the engine's, from `sampling_bounds`; the other
+    # upper caps are this HTTP edge's own.
+    max_tokens: int = Field(
+        16, le=MAX_TOKENS_CAP, description="tokens to generate", **bounds.MAX_TOKENS.field_kwargs()
+    )
+    temperature: float = Field(
+        1.0, le=2.0, description="0 = greedy", **bounds.TEMPERATURE.field_kwargs()
+    )
+    top_p: float = Field(1.0, description="nucleus mass", **bounds.TOP_P.field_kwargs())
+    top_k: int = Field(
+        0, le=100_000, description="0 = no top-k cut (extension)", **bounds.TOP_K.field_kwargs()
+    )
+    repetition_penalty: float = Field(
+        1.0, le=10.0, description="1 = off (extension)", **bounds.REPETITION_PENALTY.field_kwargs()
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="reproducible sampling")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     # OpenAI fields accepted only at their neutral value (anything else is a 400 naming them).
@@ -96,7 +109,7 @@ class CompletionRequest(SamplingFields):
         return v
 
 
-class ChatMessage(Strict):
+class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
     name: str | None = Field(None, max_length=64)
@@ -231,7 +244,7 @@ class ModelList(BaseModel):
     message: str | None = None  # e.g. "not built: run `make artifacts`"
 
 
-class InferRequest(Strict):
+class InferRequest(RequestModel):
     """The older projects' API: next-token prediction for one prompt."""
 
     prompt: str = Field(min_length=1)

@@ -55,20 +55,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slimserve.strict import Strict
 
 SCHEMA = "slimserve.report/1"
 Cell = str | int | float | bool | None
 _VERSIONED = ("slimserve", "torch", "transformers", "onnxruntime", "ray", "tensorrt")
 
 
-class _Strict(BaseModel):
-    """A typo in a writer's field name is an error, not a silently missing column."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class Table(_Strict):
+class Table(Strict):
     """A rectangular table: `rows[i][j]` is the value of `columns[j]` (None = not measured)."""
 
     title: str
@@ -103,7 +99,7 @@ class Table(_Strict):
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
-class Chart(_Strict):
+class Chart(Strict):
     """A plot of one table: `x` is a column, `y` the numeric columns drawn against it."""
 
     title: str
@@ -115,8 +111,10 @@ class Chart(_Strict):
     y_label: str | None = None
 
 
-class Report(_Strict):
+class Report(Strict):
     """One benchmark or sweep result; see the module docstring for the file format."""
+
+    model_config = ConfigDict(populate_by_name=True)  # `schema_id=` as well as `schema`
 
     schema_id: Literal["slimserve.report/1"] = Field(SCHEMA, alias="schema")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimserve import sampling_bounds as bounds
+
 # torch.Generator.manual_seed accepts this range (it wraps negatives to unsigned 64-bit).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -80,21 +82,20 @@ class SamplingParams:
     def problems(self) -> list[tuple[str, str]]:
         """Every (field, message) that is wrong; empty when the parameters are valid."""
         out: list[tuple[str, str]] = []
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            out.append(("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"))
-        if (
-            not _is_real(self.temperature)
-            or not math.isfinite(self.temperature)
-            or self.temperature < 0
-        ):
-            out.append(("temperature", f"must be finite and >= 0, got {self.temperature!r}"))
-        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
-            out.append(("top_p", f"must be in (0, 1], got {self.top_p!r}"))
-        if not _is_int(self.top_k) or self.top_k < 0:
-            out.append(("top_k", f"must be an integer >= 0, got {self.top_k!r}"))
-        rp = self.repetition_penalty
-        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
-            out.append(("repetition_penalty", f"must be finite and > 0, got {rp!r}"))
+        n, t = self.max_tokens, self.temperature
+        if not _is_int(n) or n not in bounds.MAX_TOKENS:
+            out.append(("max_tokens", f"must be an integer {bounds.MAX_TOKENS.text()}, got {n!r}"))
+        if not _is_real(t) or not math.isfinite(t) or t not in bounds.TEMPERATURE:
+            out.append(
+                ("temperature", f"must be finite and {bounds.TEMPERATURE.text()}, got {t!r}")
+            )
+        if not _is_real(self.top_p) or self.top_p not in bounds.TOP_P:
+            out.append(("top_p", f"must be {bounds.TOP_P.text()}, got {self.top_p!r}"))
+        if not _is_int(self.top_k) or self.top_k not in bounds.TOP_K:
+            out.append(("top_k", f"must be an integer {bounds.TOP_K.text()}, got {self.top_k!r}"))
+        rp, rp_range = self.repetition_penalty, bounds.REPETITION_PENALTY
+        if not _is_real(rp) or not math.isfinite(rp) or rp not in rp_range:
+            out.append(("repetition_penalty", f"must be finite and {rp_range.text()}, got {rp!r}"))
         if self.seed is not None and (
             not _is_int(self.seed) or not (_SEED_MIN <= self.seed <= _SEED_MAX)
         ):

@@ -158,3 +158,23 @@ def test_rows_with_different_filters_in_one_batch():
     for _ in range(100):
         a, b = sample(logits[:2], only_k, gens[:2]).tolist()
         assert a in (0, 1) and b in (0, 1, 2, 3)
+
+
+def test_protocol_and_engine_share_the_sampling_bounds():
+    """The HTTP schema rejects what the engine rejects, from one table of ranges."""
+    from pydantic import ValidationError
+
+    from slimserve.protocol import CompletionRequest
+    from slimserve.sampling import ParameterError, SamplingParams
+
+    for name, bad in [
+        ("max_tokens", 0),
+        ("temperature", -0.5),
+        ("top_p", 0.0),
+        ("top_k", -1),
+        ("repetition_penalty", 0.0),
+    ]:
+        with pytest.raises(ParameterError, match=name):
+            SamplingParams(**{name: bad})
+        with pytest.raises(ValidationError, match=name):
+            CompletionRequest(model="m", prompt="p", **{name: bad})
