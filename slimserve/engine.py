@@ -210,6 +210,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.on_step = on_step
         self.on_finish = on_finish
+        # A runtime may build batch-membership changes its own way (same contract as base.py's).
+        self._select = getattr(runtime, "select", select)
+        self._merge = getattr(runtime, "merge", merge)
         self.context_length = runtime.info.context_length
         self.vocab_size = runtime.info.vocab_size
         self._waiting: deque[_Request] = deque()
@@ -497,7 +500,7 @@ class Engine:
             state, last = self._state, self._last
             if plan.keep is not None and state is not None and last is not None:
                 if plan.keep:
-                    state = select(state, plan.keep)
+                    state = self._select(state, plan.keep)
                     index = torch.tensor(plan.keep, dtype=torch.long, device=last.device)
                     last = last.index_select(0, index)
                 else:
@@ -509,7 +512,7 @@ class Engine:
             if plan.prefill:
                 logits, fresh = self.runtime.prefill(plan.prefill)
                 parts.append(logits)
-                state = fresh if state is None else merge(state, fresh)
+                state = fresh if state is None else self._merge(state, fresh)
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             tokens = sample(logits, plan.params, plan.generators, plan.seen)  # (B,)
             self._state, self._last = state, tokens

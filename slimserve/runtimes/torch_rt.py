@@ -3,7 +3,10 @@
 Prefill and decode follow `slimserve.runtimes.base` (left padding, attention mask, position ids
 that skip padding). The KV cache crosses the seam as plain per-layer (B, H, P, D) tensors.
 
-Decode hands them to the model through a transformers `DynamicCache` whose layers are set by
+A GPT-2 model decodes through `gpt2_step.DecodeStep`: the same operations on the same weights
+without transformers' module stack, which is most of a small model's step on a CPU. Other
+models (and prefill) go through the HF forward. There, the cache is handed to the model
+through a transformers `DynamicCache` whose layers are set by
 assignment (building one with `DynamicCache(pairs)` would `update`, i.e. concatenate onto an
 empty tensor: a full copy), and HF's own `DynamicLayer.update` would `torch.cat` the whole
 cache again at every step. Instead each layer's keys and values live in an `_Arena`: buffers
@@ -11,9 +14,11 @@ cache again at every step. Instead each layer's keys and values live in an `_Are
 KVState subclass). A decode writes its one new column in place when its state is the newest
 one of the arena; otherwise (a fresh prefill, a `merge`/`select` result, a full arena, or a
 second decode from an older state, which stays correct) it copies once into a roomier arena
-(+25%, at least 32 columns, capped at the context length). So per step the cache costs one
-column, not a copy; measured on CPU with a GPT-2-124M-sized model at batch 8, past 400:
-~90 ms/step against ~135-165 ms with per-step concatenation.
+(+25%, at least 32 columns, capped at the context length). The runtime's own `select` and
+`merge` (requests leaving and joining the batch; the engine uses them instead of base.py's)
+write their result straight into such an arena, so a batch change costs one copy, not two.
+So per step the cache costs one column, not a copy; measured on CPU with a GPT-2-124M-sized
+model at batch 8, past 400: ~90 ms/step against ~135-165 ms with per-step concatenation.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
+    _pad_left,
     left_pad,
     position_ids_from_mask,
     resolve_device,
     resolve_threads,
 )
+from slimserve.runtimes.gpt2_step import DecodeStep
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -120,6 +127,7 @@ class TorchRuntime:
         self.model = model.eval()
         self.info = info
         self.device = next(model.parameters()).device
+        self._step = DecodeStep.of(self.model)  # None: decode through the HF modules
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -165,6 +173,14 @@ class TorchRuntime:
         ]
         ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
         mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
+        if self._step is not None:
+            ids = tokens.to(self.device, torch.long).view(batch)
+            logits = self._step(
+                ids, state.positions.view(batch), arena.keys, arena.values, past, self._mask(mask)
+            )
+            keys = [k[:, :, : past + 1] for k in arena.keys]
+            values = [v[:, :, : past + 1] for v in arena.values]
+            return logits, TorchKVState(keys, values, mask, state.positions + 1, arena)
         out = self.model(
             input_ids=tokens.to(self.device, torch.long).view(batch, 1),
             attention_mask=mask,
@@ -176,6 +192,68 @@ class TorchRuntime:
         values = [layer.values for layer in cache.layers]
         new_state = TorchKVState(keys, values, mask, state.positions + 1, arena)
         return out.logits[:, -1].float(), new_state
+
+    # -- batch membership: the base.py contract, built straight into a roomy arena ------------
+
+    @torch.inference_mode()
+    def select(self, state: KVState, rows: list[int]) -> TorchKVState:
+        """`base.select`, written by one `index_select` per tensor into a new arena with spare
+        columns, so the next decode appends in place instead of copying the cache again."""
+        index = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
+        mask = state.mask.index_select(0, index)
+        live = mask.any(dim=0).nonzero()
+        start = int(live[0]) if len(live) else mask.shape[1]
+        mask = mask[:, start:]
+        p = mask.shape[1]
+        arena = self._arena_like(state, len(rows), p)
+
+        def take(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+            view = buf[:, :, :p]
+            torch.index_select(src[:, :, start:], 0, index, out=view)
+            return view
+
+        keys = [take(k, b) for k, b in zip(state.keys, arena.keys, strict=True)]
+        values = [take(v, b) for v, b in zip(state.values, arena.values, strict=True)]
+        return TorchKVState(keys, values, mask, state.positions.index_select(0, index), arena)
+
+    @torch.inference_mode()
+    def merge(self, a: KVState, b: KVState) -> TorchKVState:
+        """`base.merge` (left-pad the shorter past, stack the batches), written once into a
+        new arena with spare columns; padding columns are zeroed, as `base.merge` pads."""
+        width = max(a.past_length, b.past_length)
+        rows = (a.batch_size, a.batch_size + b.batch_size)
+        arena = self._arena_like(a, rows[1], width)
+
+        def place(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+            for src, lo, hi in ((x, 0, rows[0]), (y, rows[0], rows[1])):
+                pad = width - src.shape[2]
+                buf[lo:hi, :, :pad].zero_()
+                buf[lo:hi, :, pad:width].copy_(src)
+            return buf[:, :, :width]
+
+        keys = [place(x, y, t) for x, y, t in zip(a.keys, b.keys, arena.keys, strict=True)]
+        values = [place(x, y, t) for x, y, t in zip(a.values, b.values, arena.values, strict=True)]
+        pa, pb = width - a.past_length, width - b.past_length
+        mask = torch.cat([_pad_left(a.mask, pa, 1), _pad_left(b.mask, pb, 1)])
+        return TorchKVState(keys, values, mask, torch.cat([a.positions, b.positions]), arena)
+
+    def _arena_like(self, state: KVState, batch: int, past: int) -> _Arena:
+        """An empty arena for `batch` rows of `past` columns plus room to decode into."""
+        capacity = max(past, min(self.info.context_length, past + max(_GROW_MIN, past // 4)))
+
+        def buf(t: torch.Tensor) -> torch.Tensor:
+            shape = (batch, t.shape[1], capacity, t.shape[3])
+            return torch.empty(shape, dtype=t.dtype, device=t.device)
+
+        return _Arena([buf(t) for t in state.keys], [buf(t) for t in state.values], past)
+
+    def _mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's mask, or None when no row is padded (cheaper attention). Padding
+        is on the left, so column 0 is real in every row exactly when nothing is padded; on
+        CUDA the mask is always passed (the check would synchronise the device)."""
+        if self.device.type == "cpu" and bool(mask[:, 0].all()):
+            return None
+        return mask
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
