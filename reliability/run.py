@@ -3,11 +3,12 @@
     python -m reliability.run [--quick] [--soak-s 600] [--artifacts-dir DIR]
 
 It starts its own Ray (`address="local"`, so it never joins another cluster on the machine)
-and Serve on a free port on 127.0.0.1, deploys the variant under test with two replicas
-(every other variant disabled), and runs, in order: broken artifacts (planner only), hostile
-input (schemathesis + the matrix), replica faults under load (ray.kill, then SIGKILL),
-overload (an open-loop load past the queue limits) and the soak. It writes
-`reports/reliability.{json,md}` and exits 1 when a target is missed.
+and Serve on a free port on 127.0.0.1, deploys the variant under test (the profile's default
+variant unless `--variant` names one) with two replicas (every other variant disabled), and
+runs, in order: broken artifacts (planner only), hostile input (schemathesis + the matrix),
+replica faults under load (ray.kill, then SIGKILL), the soak, and overload (the variant
+redeployed with a short queue, then an open-loop load past what it was measured to sustain).
+It writes `reports/reliability.{json,md}` and exits 1 when a target is missed.
 `--quick` (or RELIABILITY_QUICK=1) shortens every phase for a smoke run.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,40 @@ from reliability import broken, faults, hostile, overload, soak
 
 APP = "reliability"
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
-PHASES = ("broken", "hostile", "faults", "overload", "soak")
+# Overload runs last: it redeploys the variant with a short queue, which the others must not see.
+PHASES = ("broken", "hostile", "faults", "soak", "overload")
 BODY = {"prompt": "The Python interpreter", "max_tokens": 16, "temperature": 0.7}
+REPLICAS = 2
+VARIANT = {
+    "enabled": True,
+    "replicas": REPLICAS,
+    "num_cpus": 0.5,
+    "max_batch_size": 8,
+    "max_ongoing_requests": 16,  # per replica: 2 x max_batch_size, the settings' default
+    "max_queued_requests": 128,  # absorbs the ~20 s without one replica at 20 req/s
+    "health_check_period_s": 2,
+    "health_check_timeout_s": 20,
+}
+OVERLOAD_QUEUE = 16
+"""The variant's `max_queued_requests` during the overload phase: one replica's worth of
+waiting requests, so any rate past capacity fills it within a second or two, on a fast machine
+or a slow one. How fast a 503 comes back does not depend on how deep the queue is."""
+OVERLOAD_FACTOR = 1.5  # offered load, as a multiple of what the replicas were measured to serve
+FALLBACK_VARIANT = "student"
+
+
+def default_variant(config: str) -> str:
+    """The variant under test when `--variant` is not given: the profile's default variant.
+
+    The catalogue's field for it is read when the profile has one; until then the profile's
+    `student`, else its teacher."""
+    from slimserve.catalogue import load_profile
+
+    profile = load_profile(config)
+    chosen = getattr(profile, "default_variant", None)
+    if chosen:
+        return chosen
+    return FALLBACK_VARIANT if FALLBACK_VARIANT in profile.variants else profile.teacher
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +67,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="reliability", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml", help="the profile (catalogue)")
     p.add_argument("--artifacts-dir", default=None, help="default: the profile's artifacts_dir")
-    p.add_argument("--variant", default="student", help="the variant under test")
+    p.add_argument(
+        "--variant", default=None, help="the variant under test (default: the profile's)"
+    )
     p.add_argument("--quick", action="store_true", default=quick, help="short smoke run")
     p.add_argument(
         "--soak-s",
@@ -46,9 +82,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--overload-rate",
         type=float,
-        default=30.0,
-        help="overload req/s of 100-token requests: past the replicas' capacity, within the "
-        "HTTP front door's (on a shared 2-core machine 80 req/s saturates the proxy itself)",
+        default=None,
+        help="overload req/s of 100-token requests (default: --overload-factor x the rate the "
+        "replicas were just measured to sustain, so it overloads on any machine)",
+    )
+    p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=OVERLOAD_FACTOR,
+        help="offered overload as a multiple of the measured sustainable rate",
     )
     p.add_argument(
         "--phases",
@@ -65,7 +107,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     a.fuzz_examples = (
         80  # per operation and mode; parameterless routes exhaust early (> 500 in all)
     )
-    a.overload_s = 20.0 if a.quick else 30.0  # long enough to fill the queues
+    a.overload_s = 20.0 if a.quick else 30.0
+    a.capacity_s = 5.0 if a.quick else 10.0  # the closed loop that measures what is sustained
     return a
 
 
@@ -79,15 +122,13 @@ def serve_env(path: Path = SERVE_CONFIG) -> dict[str, str]:
     return {k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
 
 
-def _serve(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Ray + Serve on 127.0.0.1, the variant under test with two replicas; (url, settings)."""
+def _start_serve() -> str:
+    """Ray + Serve on a free port of 127.0.0.1; the base URL."""
     import socket
 
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
-
-    from deployments.app import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(serve_env())  # before Ray starts: every Ray process inherits them
@@ -96,15 +137,15 @@ def _serve(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=180))
-    variant = {
-        "enabled": True,
-        "replicas": 2,
-        "num_cpus": 0.5,
-        "max_batch_size": 8,
-        "max_queued_requests": 128,  # absorbs the ~20 s without one replica at 20 req/s
-        "health_check_period_s": 2,
-        "health_check_timeout_s": 20,
-    }
+    return f"http://127.0.0.1:{port}"
+
+
+def _deploy(a: argparse.Namespace, variant: dict[str, Any]) -> None:
+    """(Re)deploy the app: the variant under test with `variant`'s settings, no other."""
+    from ray import serve
+
+    from deployments.app import build_app
+
     args = {
         "config": a.config,
         "artifacts_dir": a.artifacts_dir,
@@ -113,153 +154,204 @@ def _serve(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "ingress": {"request_timeout_s": 120},
     }
     serve.run(build_app(args), name=APP, route_prefix="/")
-    return f"http://127.0.0.1:{port}", variant
+
+
+def _stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
 
 
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+@dataclass
+class Run:
+    """One reliability run: its options and what the phases add to the report."""
+
+    a: argparse.Namespace
+    profile: str  # the catalogue's name
+    store: Path  # its artifact folder (artifacts/<profile>)
+    base: str = ""  # the Serve URL, once started
+    tables: list[Any] = field(default_factory=list)  # slimserve.reports.Table
+    notes: list[str] = field(default_factory=list)
+    verdicts: dict[str, bool] = field(default_factory=dict)
+    t_start: float = field(default_factory=time.monotonic)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return {**BODY, "model": self.a.variant}
+
+    def table(self, title: str, rows: list[dict[str, Any]]) -> None:
+        from slimserve.reports import Table
+
+        self.tables.append(Table.from_records(title, rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     from deployments.app import plan
-    from slimserve.reports import Table, new_report, write_report
 
     a = _args(argv)
+    a.variant = a.variant or default_variant(a.config)
     deployment = plan({"config": a.config, "artifacts_dir": a.artifacts_dir})
-    plans, catalogue = deployment.variants, deployment.catalogue()
-    card = next(p.card for p in plans if p.card.id == a.variant)
-    if not card.deployed:
-        print(f"{a.variant} cannot be served: {card.reason}")
+    card = next((p.card for p in deployment.variants if p.card.id == a.variant), None)
+    if card is None or not card.deployed:
+        print(f"{a.variant} cannot be served: {card.reason if card else 'not in the catalogue'}")
         return 2
-    store = Path(catalogue["machine"]["artifacts"])
-    notes = [f"load average at start: {_load()} (2-core machine shared with other jobs)"]
-    notes.append(f"Serve switches from serve_config.yaml: {serve_env() or 'none'}")
-    tables: list[Table] = []
-    t_start = time.monotonic()
-
-    verdicts: dict[str, bool] = {}
+    run = Run(a, deployment.profile, Path(deployment.machine["artifacts"]))
+    run.notes.append(f"load average at start: {_load()} (2-core machine shared with other jobs)")
+    run.notes.append(f"Serve switches from serve_config.yaml: {serve_env() or 'none'}")
     if "broken" in a.phases:
-        with tempfile.TemporaryDirectory() as work:
-            rows = broken.sweep(
-                Path(a.config), catalogue["profile"], store.parent, Path(work), a.variant
-            )
-        tables.append(Table.from_records("Broken artifacts (planner)", rows))
-        verdicts["broken artifacts all unavailable, others deploy"] = all(
-            r["as_expected"] for r in rows
-        )
-        print(f"broken artifacts: {sum(r['as_expected'] for r in rows)}/{len(rows)} as expected")
-
-    base, variant = _serve(a)
-    body = {**BODY, "model": a.variant}
+        _broken(run)
+    run.base = _start_serve()
     try:
-        if "hostile" in a.phases:
-            notes.append(f"load average before hostile input: {_load()}")
-            _hostile(base, a, tables, notes, verdicts)
-        if "faults" in a.phases:
-            fault_rows = []
-            for mode in ("kill", "crash"):
-                notes.append(f"load average before fault run ({mode}): {_load()}")
-                row = faults.fault_run(
-                    base, APP, a.variant, mode, rate=a.rate, seconds=a.fault_s, body=body
-                )
-                fault_rows.append(row)
-                print("fault", mode, row)
-            tables.append(Table.from_records("Replica faults under load", fault_rows))
-            lost = sum(r["plain_lost"] + r["stream_lost"] for r in fault_rows)
-            verdicts["faults: 0 lost"] = lost == 0
-            verdicts["faults: 0 failed non-streamed"] = all(
-                r["plain_failed"] == 0 for r in fault_rows
-            )
-            verdicts["faults: 0 streams failed before their first frame"] = all(
-                r["stream_failed"] == r["stream_failed_mid_stream"] for r in fault_rows
-            )
-        if "overload" in a.phases:
-            notes.append(f"load average before overload: {_load()}")
-            over = overload.overload_run(
-                base, {**body, "max_tokens": 100}, a.overload_rate, a.overload_s
-            )
-            tables.append(Table.from_records("Overload (open loop past capacity)", [over]))
-            print("overload", over)
-            verdicts["overload: the queue limit was reached (some 503s)"] = over["rejected_503"] > 0
-            verdicts["overload: 503 p99 < 100 ms"] = over["p99_503_ms"] < 100
-            verdicts["overload: every 503 has Retry-After"] = (
-                over["with_retry_after"] == over["rejected_503"]
-            )
-            verdicts["overload: accepted requests finish"] = (
-                over["accepted_failed"] == 0 and over["lost"] == 0
-            )
-        if "soak" in a.phases:
-            notes.append(f"load average before soak: {_load()}")
-            concurrency = 2 * 2 * variant["max_batch_size"]  # replicas x max_ongoing_requests
-            warmup = 10.0 if a.quick else 60.0
-            sk = soak.soak_run(
-                base,
-                APP,
-                a.variant,
-                body,
-                concurrency=concurrency,
-                seconds=a.soak_s,
-                warmup_s=warmup,
-            )
-            tables.append(Table.from_records("Soak at the edge of capacity", [sk]))
-            print("soak", sk)
-            verdicts["soak: RSS growth < 10 %"] = sk["max_rss_growth_pct"] < 10
+        _deploy(a, VARIANT)
+        for name, phase in SERVED_PHASES.items():
+            if name in a.phases:
+                run.notes.append(f"load average before {name}: {_load()}")
+                phase(run)
     finally:
-        from ray import serve
+        _stop_serve()
+    return _report(run)
 
-        serve.shutdown()
-        import ray
 
-        ray.shutdown()
-
-    tables.insert(
-        0, Table.from_records("Targets", [{"target": k, "met": v} for k, v in verdicts.items()])
+def _broken(run: Run) -> None:
+    """Damaged copies of the variant: the planner lists each unavailable, deploys the rest."""
+    a = run.a
+    with tempfile.TemporaryDirectory() as work:
+        rows = broken.sweep(Path(a.config), run.profile, run.store.parent, Path(work), a.variant)
+    run.table("Broken artifacts (planner)", rows)
+    run.verdicts["broken artifacts all unavailable, others deploy"] = all(
+        r["as_expected"] for r in rows
     )
-    notes.append(f"load average at end: {_load()}; wall time {time.monotonic() - t_start:.0f} s")
-    notes.append(
-        f"mode: {'quick' if a.quick else 'full'}; phases {','.join(a.phases)}; soak {a.soak_s:g} s; faults "
-        f"{a.rate:g} req/s for {a.fault_s:g} s each; variant {a.variant} x 2 replicas"
+    print(f"broken artifacts: {sum(r['as_expected'] for r in rows)}/{len(rows)} as expected")
+
+
+def _faults(run: Run) -> None:
+    """A replica lost under steady load, by ray.kill and by SIGKILL."""
+    a, rows = run.a, []
+    for mode in ("kill", "crash"):
+        run.notes.append(f"load average before fault run ({mode}): {_load()}")
+        row = faults.fault_run(
+            run.base, APP, a.variant, mode, rate=a.rate, seconds=a.fault_s, body=run.body
+        )
+        rows.append(row)
+        print("fault", mode, row)
+    run.table("Replica faults under load", rows)
+    lost = sum(r["plain_lost"] + r["stream_lost"] for r in rows)
+    run.verdicts["faults: 0 lost"] = lost == 0
+    run.verdicts["faults: 0 failed non-streamed"] = all(r["plain_failed"] == 0 for r in rows)
+    run.verdicts["faults: 0 streams failed before their first frame"] = all(
+        r["stream_failed"] == r["stream_failed_mid_stream"] for r in rows
+    )
+
+
+def _soak(run: Run) -> None:
+    """Closed loop at the edge of capacity; replica memory must stay bounded."""
+    a = run.a
+    sk = soak.soak_run(
+        run.base,
+        APP,
+        a.variant,
+        run.body,
+        concurrency=REPLICAS * VARIANT["max_ongoing_requests"],
+        seconds=a.soak_s,
+        warmup_s=10.0 if a.quick else 60.0,
+    )
+    run.table("Soak at the edge of capacity", [sk])
+    print("soak", sk)
+    run.verdicts["soak: RSS growth < 10 %"] = sk["max_rss_growth_pct"] < 10
+
+
+def _overload(run: Run) -> None:
+    """The variant redeployed with a short queue; first what it sustains is measured (closed
+    loop, every admitted slot busy), then `overload_factor` times that is offered, open loop."""
+    a = run.a
+    variant = {**VARIANT, "max_queued_requests": OVERLOAD_QUEUE}
+    _deploy(a, variant)
+    body = {**run.body, "max_tokens": 100}
+    slots = REPLICAS * variant["max_ongoing_requests"]
+    sustained = overload.capacity(run.base, body, concurrency=slots, seconds=a.capacity_s)
+    rate = a.overload_rate or max(1.0, a.overload_factor * sustained)
+    over = overload.overload_run(run.base, body, rate, a.overload_s)
+    row = {
+        "sustained_rps": round(sustained, 1),
+        "max_ongoing": f"{REPLICAS} x {variant['max_ongoing_requests']}",
+        "max_queued": OVERLOAD_QUEUE,
+        **over,
+    }
+    run.table("Overload (open loop past the measured capacity)", [row])
+    run.notes.append(
+        f"overload: {sustained:.1f} req/s sustained by {slots} closed-loop clients over "
+        f"{a.capacity_s:g} s, then {rate:.1f} req/s offered for {a.overload_s:g} s; "
+        "the probes (GET /healthz, a completion for an unknown model: a 404) cross the proxy "
+        "and the ingress like a 503 does, without the variant's queue"
+    )
+    print("overload", row)
+    run.verdicts["overload: the queue limit was reached (some 503s)"] = over["rejected_503"] > 0
+    run.verdicts["overload: 503 p99 < 100 ms"] = (
+        over["rejected_503"] > 0 and over["p99_503_ms"] < 100
+    )
+    run.verdicts["overload: every 503 has Retry-After"] = (
+        over["with_retry_after"] == over["rejected_503"]
+    )
+    run.verdicts["overload: accepted requests finish"] = (
+        over["accepted_failed"] == 0 and over["lost"] == 0
+    )
+
+
+def _report(run: Run) -> int:
+    """Write reports/reliability.{json,md}; 1 when a target was missed."""
+    from slimserve.reports import Table, new_report, write_report
+
+    a = run.a
+    targets = [{"target": k, "met": v} for k, v in run.verdicts.items()]
+    tables = [Table.from_records("Targets", targets), *run.tables]
+    run.notes.append(
+        f"load average at end: {_load()}; wall time {time.monotonic() - run.t_start:.0f} s"
+    )
+    run.notes.append(
+        f"mode: {'quick' if a.quick else 'full'}; phases {','.join(a.phases)}; "
+        f"soak {a.soak_s:g} s; faults {a.rate:g} req/s for {a.fault_s:g} s each; "
+        f"variant {a.variant} x {REPLICAS} replicas"
     )
     report = new_report(
         "reliability",
         kind="reliability",
-        title=f"Reliability: faults, overload, soak, hostile input ({catalogue['profile']})",
+        title=f"Reliability: faults, overload, soak, hostile input ({run.profile})",
         tables=tables,
-        notes=notes,
+        notes=run.notes,
     )
     paths = write_report(report, a.reports, png=False)
     print("wrote", ", ".join(map(str, paths)))
-    missed = [k for k, v in verdicts.items() if not v]
+    missed = [k for k, v in run.verdicts.items() if not v]
     for k in missed:
         print("MISSED:", k)
     return 1 if missed else 0
 
 
-def _hostile(
-    base: str,
-    a: argparse.Namespace,
-    tables: list[Any],
-    notes: list[str],
-    verdicts: dict[str, bool],
-) -> None:
-    from slimserve.reports import Table
-
+def _hostile(run: Run) -> None:
+    """Schemathesis and the hand-written matrix: no 5xx, every error in the envelope."""
+    base, a = run.base, run.a
     fuzz = hostile.fuzz(base, a.fuzz_examples)
     mat = hostile.matrix(base)
     rows = [
         _hostile_row("schemathesis (positive + negative)", fuzz),
         _hostile_row("hand-written matrix", mat),
     ]
-    tables.append(Table.from_records("Hostile input", rows))
-    notes += [f"hostile: {p}" for p in fuzz["problems"] + mat["problems"]]
-    notes.append(
+    run.table("Hostile input", rows)
+    run.notes += [f"hostile: {p}" for p in fuzz["problems"] + mat["problems"]]
+    run.notes.append(
         f"after the hostile input a normal request answered: {mat['answers_normally_after']}"
     )
-    verdicts["hostile: zero 5xx, every error enveloped"] = (
+    run.verdicts["hostile: zero 5xx, every error enveloped"] = (
         not fuzz["problems"] and not mat["problems"]
     )
-    verdicts["hostile: >= 500 generated cases"] = fuzz["cases"] >= 500
-    verdicts["hostile: answers normally afterwards"] = mat["answers_normally_after"]
+    run.verdicts["hostile: >= 500 generated cases"] = fuzz["cases"] >= 500
+    run.verdicts["hostile: answers normally afterwards"] = mat["answers_normally_after"]
     errors = fuzz["server_errors"] + mat["server_errors"]
     print("hostile:", fuzz["cases"], "generated,", mat["cases"], "matrix, 5xx:", errors)
 
@@ -272,6 +364,9 @@ def _hostile_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
         "server_errors": r["server_errors"],
         "problems": len(r["problems"]),
     }
+
+
+SERVED_PHASES = {"hostile": _hostile, "faults": _faults, "soak": _soak, "overload": _overload}
 
 
 if __name__ == "__main__":
