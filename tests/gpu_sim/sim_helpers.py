@@ -11,9 +11,10 @@ import yaml
 
 from slimserve.artifacts import ArtifactStore, Manifest, folder_bytes, write_manifest
 from slimserve.catalogue import load_profile
+from slimserve.runtimes import runtime_spec
+from slimserve.steps import STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIMES = {"export-onnx": "onnxruntime", "quantize-int8": "onnxruntime", "build-trt": "tensorrt"}
 TINY_PROFILE = {
     "name": "gpusim",
     "seed": 0,
@@ -43,11 +44,12 @@ def manifests_only_store(profile_path: Path, root: Path) -> ArtifactStore:
     for name, v in profile.variants.items():
         folder = store.path(name)
         folder.mkdir(parents=True)
-        runtime = RUNTIMES.get(v.step, "torch")
+        runtime = STEPS[v.step].runtime
         (folder / "config.json").write_text(json.dumps({"n_positions": 128}))
-        if runtime == "onnxruntime":
+        sidecar = runtime_spec(runtime).files.sidecar
+        if sidecar is not None:  # the graph's precision, which placement reads
             precision = "int8" if v.step == "quantize-int8" else "float32"
-            (folder / "onnx.json").write_text(json.dumps({"precision": precision}))
+            (folder / sidecar).write_text(json.dumps({"precision": precision}))
         write_manifest(
             folder,
             Manifest(
