@@ -92,3 +92,17 @@ def test_the_memory_of_a_full_queue_expires():
     while time.monotonic() - t0 < 0.05:  # the recheck interval itself is what is tested
         time.sleep(0.01)
     queues.check("student")
+
+
+@pytest.mark.timeout(10)
+def test_each_freed_slot_lets_exactly_one_request_ask_serve(gate, handle):
+    with pytest.raises(ApiError):
+        request(gate, handle)  # Serve says full: remembered
+    gate.queues.freed("student")  # one request ended elsewhere: room for one more
+    with pytest.raises(ApiError):
+        request(gate, handle)  # that one asks Serve (still full: a newer request took it)
+    assert handle.calls == 2
+    for _ in range(3):
+        with pytest.raises(ApiError):
+            request(gate, handle)
+    assert handle.calls == 2  # the rest are answered by the ingress alone
