@@ -43,10 +43,11 @@ from build_engines.parity import check_parity, decode_ms, prompt_ids
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
 from slimserve.runtimes.onnx_rt import SIDECAR, io_names
+from slimserve.runtimes.spec import ONNXRUNTIME
 from slimserve.steps import ExportOnnxParams
 from slimserve.tokenizer import copy_tokenizer_files
 
-MODEL_FILE = "model.onnx"
+MODEL_FILE = ONNXRUNTIME.files.weights[0]  # "model.onnx", the name the sidecar records
 MAX_WEIGHT_RATIO = 1.05  # ONNX initializer bytes / parent safetensors bytes
 # Keep ORT's fused graph only if it decodes in < 90% of the plain graph's time: ORT fuses
 # LayerNorm / GELU itself at session start, so the gain is small, and on a shared machine a
