@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from slimserve.artifacts import ArtifactError
+from slimserve.steps import Requirement  # what `slimserve.hardware.missing` checks
 
 if TYPE_CHECKING:
     from slimserve.runtimes.base import Runtime
 
-Requirement = Literal["none", "gpu", "tensorrt"]  # as in `slimserve.hardware.missing`
 LoadOption = Literal["device", "dtype", "threads", "backend"]
 
 
