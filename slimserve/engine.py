@@ -13,6 +13,14 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
    so they join the next decode step (iteration-level batching, as vLLM and TGI do);
 4. one vectorised `sample` picks a token for every row (prefilled rows get their first token).
 
+Overlap (`EngineConfig.overlap`, on by default): as soon as a step's tokens are back, the next
+step is planned and handed to the worker, and only then are the tokens turned into text, so
+the loop's per-token work (detokenizing, stop strings, streaming) runs while the model does.
+The next step cannot know yet which rows that text work will end: rows ending by `max_tokens`
+or the context are left out (that is known from the counts), and a row ending on EOS or a stop
+string decodes one more token that is thrown away. With a repetition penalty in the batch the
+next step needs this step's tokens, so the two run in turn.
+
 A request waits in a bounded queue until a batch slot is free. When the engine is idle, the
 first request waits up to `max_wait_ms` for company so that a burst is prefilled together.
 Long prompts are prefilled whole (no chunked prefill), so they delay that step's decode.
@@ -186,6 +194,18 @@ class _Plan:
     params: list[SamplingParams]  # every row after the step: kept rows, then prefilled ones
     generators: list[torch.Generator]
     seen: list[list[int]] | None  # per row, only when some row has a repetition penalty
+
+
+@dataclass
+class _Step:
+    """A step handed to the worker: its future and the rows (in KV-state order) it samples for."""
+
+    future: Future
+    rows: list[_Request]
+    admitted: list[_Request]
+    removed: int
+    n_decode: int
+    t0: float
 
 
 class Engine:
@@ -406,20 +426,20 @@ class Engine:
 
     async def _run(self) -> None:
         assert self._wakeup is not None and self._executor is not None
+        pending: _Step | None = None  # launched, its tokens not yet collected
         while True:
-            if not self._running and not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if not self._running:
-                await self._wait_for_company()
-            plan, admitted, removed, n_decode = self._plan()
-            if plan is None:
-                continue
-            t0 = time.perf_counter()
-            self._inflight = self._executor.submit(self._model_step, plan)
+            if pending is None:
+                if not self._running and not self._waiting:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if not self._running:
+                    await self._wait_for_company()
+                pending = self._launch(ahead=False)
+                if pending is None:
+                    continue
             try:
-                tokens = await asyncio.wrap_future(self._inflight)
+                tokens = await asyncio.wrap_future(pending.future)
             except Exception as exc:  # an engine fault: fail this batch, keep serving
                 log.exception("engine step failed")
                 self._state, self._last = None, None
@@ -428,23 +448,49 @@ class Engine:
                     err.__cause__ = exc
                     self._finish(req, err, "error")
                 self._running = []
+                pending = None
                 continue
-            self._counts["steps"] += 1
-            now = time.perf_counter()
-            for req, tok in zip(self._running, tokens, strict=True):
-                self._on_token(req, tok, now)
-            self._counts["peak"] = max(self._counts["peak"], len(self._running))
-            self._emit_step(
-                StepInfo(
-                    step=self._counts["steps"],
-                    batch_size=len(tokens),
-                    decoded=n_decode,
-                    prefilled=len(admitted),
-                    removed=removed,
-                    seconds=now - t0,
-                )
-            )
+            done, pending = pending, None
+            if self.config.overlap and not any(
+                r.params.repetition_penalty != 1.0 for r in done.rows
+            ):
+                pending = self._launch(ahead=True)
+            self._collect(done, tokens)
             await asyncio.sleep(0)  # let consumers and submitters run between steps
+
+    def _launch(self, ahead: bool) -> _Step | None:
+        """Plan a step and hand it to the worker (None: nothing to run).
+
+        `ahead`: the previous step's tokens are not collected yet (overlap). Its rows that
+        reach max_tokens or the context with that token are left out now (they finish when
+        it is collected); a row that ends on EOS or a stop string runs one step for nothing,
+        and its extra token is ignored (the request is done by then).
+        """
+        plan, admitted, removed, n_decode = self._plan(ahead)
+        if plan is None:
+            return None
+        self._inflight = self._executor.submit(self._model_step, plan)  # type: ignore[union-attr]
+        return _Step(
+            self._inflight, list(self._running), admitted, removed, n_decode, time.perf_counter()
+        )
+
+    def _collect(self, step: _Step, tokens: list[int]) -> None:
+        """A finished step's tokens to text, on the loop (maybe while the next step runs)."""
+        self._counts["steps"] += 1
+        now = time.perf_counter()
+        for req, tok in zip(step.rows, tokens, strict=True):
+            self._on_token(req, tok, now)
+        self._counts["peak"] = max(self._counts["peak"], len(step.rows))
+        self._emit_step(
+            StepInfo(
+                step=self._counts["steps"],
+                batch_size=len(tokens),
+                decoded=step.n_decode,
+                prefilled=len(step.admitted),
+                removed=step.removed,
+                seconds=now - step.t0,
+            )
+        )
 
     async def _wait_for_company(self) -> None:
         """Idle engine: give the oldest request up to max_wait_ms to gather a fuller batch."""
@@ -460,9 +506,16 @@ class Engine:
             if not self._waiting:
                 return
 
-    def _plan(self) -> tuple[_Plan | None, list[_Request], int, int]:
-        """Drop finished/cancelled rows, admit waiting requests, and describe the step."""
-        keep = [i for i, r in enumerate(self._running) if not (r.done or r.cancelled)]
+    def _plan(self, ahead: bool = False) -> tuple[_Plan | None, list[_Request], int, int]:
+        """Drop finished/cancelled rows, admit waiting requests, and describe the step.
+
+        `ahead`: also drop rows whose uncollected token is their last by length (`_launch`).
+        """
+        keep = [
+            i
+            for i, r in enumerate(self._running)
+            if not (r.done or r.cancelled or (ahead and self._last_by_length(r)))
+        ]
         for req in self._running:
             if req.cancelled and not req.done:
                 self._finish(req, None, "cancelled")
@@ -493,6 +546,12 @@ class Engine:
         for req in admitted:
             self._prompt_tokens += len(req.prompt_ids)
         return plan, admitted, removed, len(kept)
+
+    def _last_by_length(self, req: _Request) -> bool:
+        """Whether the token the running step gives `req` ends it by `max_tokens` or the
+        context (the test `_on_token` applies once that token is collected)."""
+        n = len(req.token_ids) + 1
+        return n >= req.params.max_tokens or len(req.prompt_ids) + n >= self.context_length
 
     def _model_step(self, plan: _Plan) -> list[int]:
         """Worker thread: select, decode, prefill + merge, sample. Returns one id per row."""

@@ -36,6 +36,8 @@ class EngineConfig:
     """How long the first request reaching an idle engine waits for company before prefill."""
     max_queue: int = 1024
     """Most requests waiting for a batch slot; past it `submit` raises QueueFullError."""
+    overlap: bool = True
+    """Launch the next model step before turning this step's tokens into text (see engine.py)."""
 
     def __post_init__(self) -> None:
         problems = []

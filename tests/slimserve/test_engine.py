@@ -497,3 +497,65 @@ def test_worker_thread_uses_the_runtimes_thread_count(tiny_runtime, tiny_tokeniz
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {tiny_runtime.info.threads}
+
+
+class CountingEosAt(EosAt):
+    """EosAt that also counts the rows it decodes."""
+
+    rows = 0
+
+    def decode(self, tokens, state):
+        self.rows += int(tokens.shape[0])
+        return super().decode(tokens, state)
+
+
+def test_overlap_changes_no_output(tiny_runtime, tiny_tokenizer):
+    """Overlapped steps give the same completions as steps in turn, whatever ends each request."""
+    eos, n = tiny_tokenizer.eos_token_id, tiny_runtime.info.context_length
+    jobs = [
+        (PROMPTS[0], SamplingParams(max_tokens=60, temperature=0)),  # ends on EOS
+        (PROMPTS[1], greedy(9)),
+        (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)),
+        (PROMPTS[4], greedy(25, stop=["the"])),
+        ([7] * (n - 6), greedy(6)),  # fills the context
+        (PROMPTS[9], greedy(1)),
+    ]
+
+    def results(overlap: bool):
+        rt = CountingEosAt(tiny_runtime, eos, at=40)
+
+        async def body():
+            engine = Engine(rt, tiny_tokenizer, EngineConfig(max_batch_size=4, overlap=overlap))
+            done = await asyncio.gather(*(engine.generate(p, s) for p, s in jobs))
+            await engine.stop()
+            return done
+
+        done = run(body())
+        return [(c.text, c.token_ids, c.finish_reason) for c in done], rt.rows
+
+    overlapped, _ = results(True)
+    in_turn, _ = results(False)
+    assert overlapped == in_turn
+    assert overlapped[0][2] == "stop" and overlapped[4][2] == "length"
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True], ids=["eos", "length"])
+def test_overlap_wastes_one_row_on_eos_and_none_on_length(tiny_runtime, tiny_tokenizer, ignore_eos):
+    def decoded_rows(overlap: bool) -> tuple[int, int]:
+        at = len(tiny_tokenizer.encode(PROMPTS[0])) + 3  # EOS as the 4th token
+        rt = CountingEosAt(tiny_runtime, tiny_tokenizer.eos_token_id, at=at)
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=ignore_eos)
+
+        async def body():
+            engine = Engine(rt, tiny_tokenizer, EngineConfig(overlap=overlap))
+            done = await engine.generate(PROMPTS[0], params)
+            await engine.stop()
+            return done
+
+        tokens = run(body()).completion_tokens
+        return rt.rows, tokens
+
+    (overlapped, n), (in_turn, m) = decoded_rows(True), decoded_rows(False)
+    assert n == m == (8 if ignore_eos else 3)
+    assert in_turn == (7 if ignore_eos else 3)  # the first token comes from the prefill
+    assert overlapped == in_turn + (0 if ignore_eos else 1)
