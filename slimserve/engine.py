@@ -211,7 +211,7 @@ class _Step:
 class Engine:
     """Continuous batching over one Runtime (see the module docstring).
 
-    Call from one event loop: `stream`, `generate`, `submit`, `stats`, `stop`. Callbacks run on
+    Call from one event loop: `stream`, `generate`, `stats`, `stop`. Callbacks run on
     that loop after each step (`on_step`) and when a request leaves (`on_finish`); an exception
     in a callback is logged and ignored.
     """
@@ -279,10 +279,6 @@ class Engine:
         """
         return RequestStream(self, self._submit(prompt, params))
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Alias of `stream` for callers that want to say "queue it now"."""
-        return self.stream(prompt, params)
-
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Run one request to the end; cancelling the awaiting task cancels the request."""
         stream = self.stream(prompt, params)
@@ -308,10 +304,6 @@ class Engine:
             generation_tokens_total=self._gen_tokens,
             peak_running=c["peak"],
         )
-
-    async def start(self) -> None:
-        """Start the scheduler on the running loop (optional: the first request does it)."""
-        self._ensure_started()
 
     async def stop(self) -> None:
         """Fail in-flight requests with EngineClosedError, finish the step, free the thread."""
