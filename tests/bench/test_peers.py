@@ -4,6 +4,7 @@ its failure paths (a fake pip, a fake server that dies), the report and the targ
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,7 +276,9 @@ def test_serve_config_for_the_bench_profile(tmp_path):
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["config"] == str((tmp_path / "p.yaml").resolve())
     assert set(args["variants"]) == {TORCH_VARIANT, ONNX_VARIANT}
-    assert args["variants"][TORCH_VARIANT]["max_batch_size"] == 32  # the student's tuning
+    defaults = args["defaults"]
+    assert defaults["max_batch_size"] == 32 and defaults["max_ongoing_requests"] == 64
+    assert all(v["threads"] == (os.cpu_count() or 1) for v in args["variants"].values())
 
 
 def test_synthetic_tokenizer_has_gpt2_size_and_round_trips():
