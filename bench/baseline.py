@@ -171,7 +171,7 @@ def start_baseline(
     `threads` intra-op threads, whatever thread the request runs on.
     """
     if port is None:
-        from bench.serving import free_port
+        from slimserve.net import free_port
 
         port = free_port()
     env = {

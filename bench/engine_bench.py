@@ -25,6 +25,7 @@ import torch
 
 from slimserve.engine import Completion, Engine, EngineConfig
 from slimserve.sampling import SamplingParams
+from slimserve.stats import percentile
 
 PROMPTS = [
     "The history of the city begins",
@@ -44,15 +45,6 @@ PROMPTS = [
     "The film received mixed reviews from critics, who",
     "Water boils at",
 ]
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank) of `values`, None when empty."""
-    data = sorted(v for v in values if v is not None)
-    if not data:
-        return None
-    rank = max(0, min(len(data) - 1, round(q / 100 * len(data) + 0.5) - 1))
-    return data[rank]
 
 
 def _prompts(n: int) -> list[str]:
@@ -149,11 +141,11 @@ def run_engine_bench(
             "requests_failed": sum(r["failed"] for r in rounds),
             "req_s": statistics.median(r["ok"] / r["wall"] for r in rounds),
             "output_tok_s": statistics.median(r["tokens"] / r["wall"] for r in rounds),
-            "ttft_p50_s": _pct(pooled["ttft"], 50),
-            "ttft_p99_s": _pct(pooled["ttft"], 99),
-            "tpot_p50_s": _pct(pooled["tpot"], 50),
-            "tpot_p99_s": _pct(pooled["tpot"], 99),
-            "e2e_p99_s": _pct(pooled["e2e"], 99),
+            "ttft_p50_s": percentile(pooled["ttft"], 50),
+            "ttft_p99_s": percentile(pooled["ttft"], 99),
+            "tpot_p50_s": percentile(pooled["tpot"], 50),
+            "tpot_p99_s": percentile(pooled["tpot"], 99),
+            "e2e_p99_s": percentile(pooled["e2e"], 99),
             "hf_tok_s": None,
             "speedup": None,
         }

@@ -30,7 +30,8 @@ from typing import Any
 from bench.engine_bench import PROMPTS
 from bench.peer_vllm import PeerError, install, last_error, start_vllm
 from bench.run_all import BenchPlan, _serve_threads, start_serve
-from bench.serving import CpuMeter, LevelResult, free_port, run_levels
+from bench.serving import CpuMeter, LevelResult, run_levels
+from slimserve.net import free_port
 from slimserve.tokenizer import load_tokenizer
 
 Races = dict[str, list[LevelResult]]

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.race import serving_report
-from bench.serving import CpuMeter, free_port, run_levels
+from bench.serving import CpuMeter, run_levels
+from slimserve.net import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARTS = {  # `slimserve bench <what>` -> the parts of `make bench` it runs

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,7 +30,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.engine_bench import PROMPTS, _pct
+from bench.engine_bench import PROMPTS
+from slimserve.stats import percentile
 
 DATA = b"data: "
 
@@ -82,15 +82,15 @@ class LevelResult:
             "failed": len(self.results) - len(ok),
             "req_s": _r(len(ok) / self.wall_s),
             "out_tok_s": _r(tokens / self.wall_s),
-            "ttft_p50_ms": _ms(_pct(ttft, 50)),
-            "ttft_p99_ms": _ms(_pct(ttft, 99)),
-            "tpot_p50_ms": _ms(_pct(tpot, 50)),
-            "tpot_p99_ms": _ms(_pct(tpot, 99)),
-            "e2e_p50_ms": _ms(_pct(e2e, 50)),
-            "e2e_p99_ms": _ms(_pct(e2e, 99)),
+            "ttft_p50_ms": _ms(percentile(ttft, 50)),
+            "ttft_p99_ms": _ms(percentile(ttft, 99)),
+            "tpot_p50_ms": _ms(percentile(tpot, 50)),
+            "tpot_p99_ms": _ms(percentile(tpot, 99)),
+            "e2e_p50_ms": _ms(percentile(e2e, 50)),
+            "e2e_p99_ms": _ms(percentile(e2e, 99)),
             "tokens_per_req": _r(statistics.mean(r.output_tokens for r in ok)) if ok else None,
             "tokens_per_frame": _r(tokens / frames) if self.stream and frames else None,
-            "hop_ms_p50": _ms(_pct(hops, 50)),
+            "hop_ms_p50": _ms(percentile(hops, 50)),
             "cpu_ms_per_token": _r(self.own_cpu_s() * 1000 / tokens)
             if self.cpu_s and tokens
             else None,
@@ -119,13 +119,6 @@ class LevelResult:
 
     def errors(self) -> list[str]:
         return sorted({r.error for r in self.results if r.error})
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for the servers a bench starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _r(x: float) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,16 +37,12 @@ from typing import Any
 
 import yaml
 
+from slimserve.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_NAME = "cluster"
 VARIANT = "teacher"
 APP = "slimserve"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log(msg: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import re
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import ui
 from dashboard.render import escape_markdown
+from slimserve.net import free_port
 from slimserve.protocol import ModelCard
 from slimserve.reports import Chart, Table, new_report, write_report
 
@@ -226,9 +226,7 @@ def test_pages_explain_a_failing_ingress(ingress, page, failure):
 
 def test_a_real_closed_port_is_explained(monkeypatch, tmp_path):
     """No mock: real httpx against a local port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends
+    port = free_port()  # nobody listens on it once free_port returns
     monkeypatch.setattr(ui, "TRANSPORT", None)
     monkeypatch.setenv("SLIMSERVE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("SLIMSERVE_REPORTS_DIR", str(tmp_path))

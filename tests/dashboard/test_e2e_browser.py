@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slimserve.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("SLIMSERVE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -55,14 +57,6 @@ def wait_until(predicate, timeout: float, what: str):
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.2)
     return value
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def deployments_helpers():

@@ -28,7 +28,9 @@ from typing import Any
 
 import pytest
 import yaml
-from serve_helpers import API_KEY_ENV, PROFILE, ServeUrls, build_tiny_store, free_port
+from serve_helpers import API_KEY_ENV, PROFILE, ServeUrls, build_tiny_store
+
+from slimserve.net import free_port
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +39,6 @@ PROFILE = {
         "student-slim": {"step": "prune-structured", "from": "student"},
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_tiny_store(root: Path, profile_path: Path) -> None:

@@ -19,11 +19,11 @@ from sim_helpers import (
     tiny_torch_store,
 )
 
-from bench.serving import free_port
 from deployments import app as app_module
 from deployments.settings import GpuFitError
 from slimserve import runtimes
 from slimserve.catalogue import TrainingDefaults
+from slimserve.net import free_port
 from training.trainer import plan_workers
 
 pytestmark = [pytest.mark.gpu_sim, pytest.mark.timeout(240)]

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from sim_helpers import app_on_cpu, tiny_torch_store
 
-from bench.serving import free_port
 from deployments import app as app_module
 from slimserve.catalogue import TrainingDefaults
+from slimserve.net import free_port
 from training.trainer import plan_workers
 
 pytestmark = [pytest.mark.gpu_sim, pytest.mark.timeout(240)]
