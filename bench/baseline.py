@@ -44,27 +44,36 @@ class BaselineServer:
     pid: int
 
 
-def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
-    """The Flask app: the model and tokenizer are loaded once and shared by request threads."""
-    import torch
-    from flask import Flask, Response, jsonify, request, stream_with_context
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eos = model.config.eos_token_id
-    name = Path(model_dir).name
-    app = Flask("slimserve-baseline")
 
-    def gen_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-        ids = tokenizer(body["prompt"], return_tensors="pt")
+class _Generator:
+    """The model and tokenizer, loaded once and shared by the request threads."""
+
+    def __init__(self, model_dir: str | Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.eos = self.model.config.eos_token_id
+        self.name = Path(model_dir).name
+
+    def gen_kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
+        ids = self.tokenizer(body["prompt"], return_tensors="pt")
         temperature = float(body.get("temperature", 1.0))
         kwargs: dict[str, Any] = {
             **ids,
             "max_new_tokens": int(body.get("max_tokens", 16)),
-            "pad_token_id": eos,
-            "eos_token_id": eos,
+            "pad_token_id": self.eos,
+            "eos_token_id": self.eos,
             "do_sample": temperature > 0,
         }
         if temperature > 0:
@@ -75,52 +84,44 @@ def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
             )
         return kwargs
 
-    def generate(kwargs: dict[str, Any]) -> Any:
+    def generate(self, kwargs: dict[str, Any]) -> Any:
+        import torch
+
         # Each Flask thread gets torch's thread count on first use: pin it per thread.
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return model.generate(**kwargs)
+            return self.model.generate(**kwargs)
 
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-
-    def chunk(rid: str, text: str, reason: str | None, use: dict | None = None) -> str:
+    def chunk(self, rid: str, text: str, reason: str | None, use: dict | None = None) -> str:
         choices = [] if use else [{"index": 0, "text": text, "finish_reason": reason}]
-        payload: dict[str, Any] = {"id": rid, "object": "text_completion", "model": name}
+        payload: dict[str, Any] = {"id": rid, "object": "text_completion", "model": self.name}
         payload["choices"] = choices
         if use:
             payload["usage"] = use
         return f"data: {json.dumps(payload)}\n\n"
 
-    @app.get("/healthz")
-    def healthz() -> Any:
-        return jsonify({"status": "ok", "model": name, "threads": torch.get_num_threads()})
-
-    @app.post("/v1/completions")
-    def completions() -> Any:
-        body = request.get_json(force=True)
-        kwargs = gen_kwargs(body)
+    def complete(self, body: dict[str, Any], kwargs: dict[str, Any], rid: str) -> dict[str, Any]:
+        """A non-streamed completion's JSON body."""
         n_prompt = int(kwargs["input_ids"].shape[1])
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        if not body.get("stream"):
-            out = generate(kwargs)[0, n_prompt:]
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            n_out = int(out.shape[0])
-            reason = "length" if n_out >= kwargs["max_new_tokens"] else "stop"
-            choice = {"index": 0, "text": text, "finish_reason": reason}
-            return jsonify(
-                {"id": rid, "object": "text_completion", "model": name, "choices": [choice]}
-                | {"usage": usage(n_prompt, n_out)}
-            )
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = self.generate(kwargs)[0, n_prompt:]
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        n_out = int(out.shape[0])
+        reason = "length" if n_out >= kwargs["max_new_tokens"] else "stop"
+        choice = {"index": 0, "text": text, "finish_reason": reason}
+        return {"id": rid, "object": "text_completion", "model": self.name, "choices": [choice]} | {
+            "usage": _usage(n_prompt, n_out)
+        }
+
+    def stream(self, body: dict[str, Any], kwargs: dict[str, Any], rid: str) -> Iterator[str]:
+        """SSE frames: generate runs in a helper thread, this one relays what it streams."""
+        from transformers import TextIteratorStreamer
+
+        n_prompt = int(kwargs["input_ids"].shape[1])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         holder: dict[str, Any] = {}
 
         def work() -> None:
-            holder["out"] = generate({**kwargs, "streamer": streamer})
+            holder["out"] = self.generate({**kwargs, "streamer": streamer})
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
@@ -129,15 +130,38 @@ def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
         def events() -> Iterator[str]:
             for text in streamer:
                 if text:
-                    yield chunk(rid, text, None)
+                    yield self.chunk(rid, text, None)
             worker.join()
             n_out = int(holder["out"].shape[1]) - n_prompt
-            yield chunk(rid, "", "length" if n_out >= kwargs["max_new_tokens"] else "stop")
+            yield self.chunk(rid, "", "length" if n_out >= kwargs["max_new_tokens"] else "stop")
             if with_usage:
-                yield chunk(rid, "", None, usage(n_prompt, n_out))
+                yield self.chunk(rid, "", None, _usage(n_prompt, n_out))
             yield "data: [DONE]\n\n"
 
-        return Response(stream_with_context(events()), mimetype="text/event-stream")
+        return events()
+
+
+def create_app(model_dir: str | Path, threads: int = THREADS) -> Any:
+    """The Flask app: the model and tokenizer are loaded once and shared by request threads."""
+    import torch
+    from flask import Flask, Response, jsonify, request, stream_with_context
+
+    gen = _Generator(model_dir, threads)
+    app = Flask("slimserve-baseline")
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        return jsonify({"status": "ok", "model": gen.name, "threads": torch.get_num_threads()})
+
+    @app.post("/v1/completions")
+    def completions() -> Any:
+        body = request.get_json(force=True)
+        kwargs = gen.gen_kwargs(body)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if not body.get("stream"):
+            return jsonify(gen.complete(body, kwargs, rid))
+        events = gen.stream(body, kwargs, rid)
+        return Response(stream_with_context(events), mimetype="text/event-stream")
 
     return app
 

@@ -105,59 +105,47 @@ def _table(title: str, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> 
     )
 
 
-def serving_report(
-    slim: list[LevelResult], base: list[LevelResult], max_tokens: int, *, command: str | None
-) -> Report:
-    """`bench_serving`: both servers' figures, side by side, the targets, and CPU per hop."""
-    slim_rows, base_rows = [lv.row() for lv in slim], [lv.row() for lv in base]
-    pairs = side_by_side(slim_rows, base_rows)
-    goals = targets(pairs)
-    hops = [{"server": "slimserve", **c} for lv in slim for c in lv.cpu_rows()]
-    hops += [{"server": "baseline", **c} for lv in base for c in lv.cpu_rows()]
-    pair_cols = tuple(pairs[0]) if pairs else ("concurrency",)
-    tables = [
-        _table("slimserve (serve_config.yaml, Ray Serve)", slim_rows, LEVEL_COLUMNS),
-        _table("baseline (Flask threaded, HF generate, 2 torch threads)", base_rows, LEVEL_COLUMNS),
-        _table("side by side (ratios = slimserve / baseline)", pairs, pair_cols),
-        _table("targets", goals, ("target", "required", "measured", "met", "miss")),
-        _table(
-            "CPU per output token by process (the cost of each hop)",
-            hops,
-            ("server", "stream", "concurrency", "role", "cpu_ms_per_token", "cpu_share"),
+def _serving_charts() -> list[Chart]:
+    """Throughput, streamed TTFT and the throughput ratio, from the side-by-side table (2)."""
+    return [
+        Chart(
+            title="Output tokens/s",
+            type="line",
+            table=2,
+            x="concurrency",
+            y=[
+                "slimserve_tok_s",
+                "baseline_tok_s",
+                "slimserve_stream_tok_s",
+                "baseline_stream_tok_s",
+            ],
+            y_label="tokens/s",
+        ),
+        Chart(
+            title="Streamed p99 time to first token (ms)",
+            type="line",
+            table=2,
+            x="concurrency",
+            y=["slimserve_ttft_p99_ms", "baseline_ttft_p99_ms"],
+            y_label="ms",
+        ),
+        Chart(
+            title="slimserve / baseline throughput",
+            table=2,
+            x="concurrency",
+            y=["tok_s_ratio", "stream_tok_s_ratio"],
+            y_label="ratio",
         ),
     ]
-    charts = []
-    if pairs and "slimserve_tok_s" in pair_cols:
-        charts = [
-            Chart(
-                title="Output tokens/s",
-                type="line",
-                table=2,
-                x="concurrency",
-                y=[
-                    "slimserve_tok_s",
-                    "baseline_tok_s",
-                    "slimserve_stream_tok_s",
-                    "baseline_stream_tok_s",
-                ],
-                y_label="tokens/s",
-            ),
-            Chart(
-                title="Streamed p99 time to first token (ms)",
-                type="line",
-                table=2,
-                x="concurrency",
-                y=["slimserve_ttft_p99_ms", "baseline_ttft_p99_ms"],
-                y_label="ms",
-            ),
-            Chart(
-                title="slimserve / baseline throughput",
-                table=2,
-                x="concurrency",
-                y=["tok_s_ratio", "stream_tok_s_ratio"],
-                y_label="ratio",
-            ),
-        ]
+
+
+def _serving_notes(
+    slim: list[LevelResult],
+    base: list[LevelResult],
+    goals: list[dict[str, Any]],
+    max_tokens: int,
+) -> list[str]:
+    """How the race ran, Ray's background CPU during the baseline's turns, and each miss."""
     notes = [
         f"Closed loop, greedy, max_tokens {max_tokens}, the same fixed prompts and the same "
         "student weights on both sides; the servers took turns level by level, never loaded "
@@ -184,12 +172,37 @@ def serving_report(
         for g in goals
         if g["met"] is False
     ]
+    return notes
+
+
+def serving_report(
+    slim: list[LevelResult], base: list[LevelResult], max_tokens: int, *, command: str | None
+) -> Report:
+    """`bench_serving`: both servers' figures, side by side, the targets, and CPU per hop."""
+    slim_rows, base_rows = [lv.row() for lv in slim], [lv.row() for lv in base]
+    pairs = side_by_side(slim_rows, base_rows)
+    goals = targets(pairs)
+    hops = [{"server": "slimserve", **c} for lv in slim for c in lv.cpu_rows()]
+    hops += [{"server": "baseline", **c} for lv in base for c in lv.cpu_rows()]
+    pair_cols = tuple(pairs[0]) if pairs else ("concurrency",)
+    tables = [
+        _table("slimserve (serve_config.yaml, Ray Serve)", slim_rows, LEVEL_COLUMNS),
+        _table("baseline (Flask threaded, HF generate, 2 torch threads)", base_rows, LEVEL_COLUMNS),
+        _table("side by side (ratios = slimserve / baseline)", pairs, pair_cols),
+        _table("targets", goals, ("target", "required", "measured", "met", "miss")),
+        _table(
+            "CPU per output token by process (the cost of each hop)",
+            hops,
+            ("server", "stream", "concurrency", "role", "cpu_ms_per_token", "cpu_share"),
+        ),
+    ]
+    charts = _serving_charts() if pairs and "slimserve_tok_s" in pair_cols else []
     return new_report(
         "bench_serving",
         kind="serving",
         title="Serving: slimserve vs the older architecture",
         tables=tables,
         charts=charts,
-        notes=notes,
+        notes=_serving_notes(slim, base, goals, max_tokens),
         command=command,
     )

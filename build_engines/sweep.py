@@ -40,6 +40,7 @@ DEFAULT_AMOUNTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REPORT_NAME = "prune_sweep"
 PRUNE_STEPS = ("prune-l1", "prune-structured")
 CALIBRATION_BLOCKS = 32  # the structured step's default
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,170 @@ def _ratio(x: float | None, base: float | None) -> float | None:
     return None if x is None or not base else round(x / base, 4)
 
 
+@dataclass
+class _Parent:
+    """The sweep's starting point: the parent model, its figures and the evaluation data."""
+
+    name: str
+    folder: Path
+    manifest: Any
+    model: Any
+    figures: dict[str, Any]  # measure(): perplexity, agreement, ...
+    blocks: Any  # (N, T) test blocks
+    batch: int
+    ref: Any  # the teacher's top-1 tokens on `blocks`, or None
+
+    @property
+    def perplexity(self) -> float:
+        return self.figures["perplexity"]
+
+
+def _check_arguments(
+    profile: Profile, parent: str | None, scope: str, repeats: int, steps: int, threads: int
+) -> tuple[str, ArtifactStore, Any]:
+    """The parent's name, the store and the parent's manifest; ValueError on bad input."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"--scope must be 'global' or 'layer', got {scope!r}")
+    if repeats < 1 or steps < 1 or threads < 1:
+        raise ValueError("--repeats, --steps and --threads must be >= 1")
+    parent = parent or profile.default_variant
+    if parent not in profile.variants:
+        raise ValueError(f"--parent: no variant {parent!r} (have: {', '.join(profile.variants)})")
+    store = ArtifactStore(profile.artifacts_root(), profile.name)
+    manifest = store.manifest(parent)
+    if manifest is None:
+        raise FileNotFoundError(f"{parent} is not built: run `slimserve build --only {parent}`")
+    if manifest.runtime != "torch":
+        raise ValueError(f"--parent: {parent} is a {manifest.runtime} variant; pruning needs torch")
+    return parent, store, manifest
+
+
+def _load_parent(
+    profile: Profile, store: ArtifactStore, name: str, manifest: Any, data: Any, log: Log
+) -> _Parent:
+    blocks = data.blocks("test", profile.block_size, profile.eval.max_tokens)
+    batch = profile.eval.batch_size
+    teacher_dir = store.path(profile.teacher) if store.manifest(profile.teacher) else None
+    ref = teacher_top1(teacher_dir, blocks, batch)
+    model = load_gpt2(store.path(name))
+    figures = measure(model, blocks, batch, ref)
+    log(f"sweep: {name} perplexity {figures['perplexity']:.2f}, agreement {figures['agreement']}")
+    return _Parent(name, store.path(name), manifest, model, figures, blocks, batch, ref)
+
+
+def _l1_rows(p: _Parent, amounts: Sequence[float], scope: str, log: Log) -> list[dict[str, Any]]:
+    """The parent (amount 0), then each L1 amount: sparsity, perplexity, agreement."""
+    rows: list[dict[str, Any]] = [
+        {"amount": 0.0, "sparsity": 0.0, **p.figures, "ppl_vs_parent": 1.0},
+    ]
+    for amount in amounts:
+        model = copy.deepcopy(p.model)
+        names = l1_prune(model, amount, scope)
+        _, total = weight_sparsity(model, names)
+        m = measure(model, p.blocks, p.batch, p.ref)
+        ratio = _ratio(m["perplexity"], p.perplexity)
+        rows.append({"amount": amount, "sparsity": total, **m, "ppl_vs_parent": ratio})
+        log(f"sweep: L1 {amount:.2f} -> sparsity {total:.4f}, perplexity {m['perplexity']:.2f}")
+    return rows
+
+
+def _l1_charts() -> list[Chart]:
+    return [
+        Chart(title="L1: perplexity vs amount", type="line", table=0, x="amount", y=["perplexity"]),
+        Chart(
+            title="L1: agreement with teacher", type="line", table=0, x="amount", y=["agreement"]
+        ),
+    ]
+
+
+def _shape_cols(model: Any) -> dict[str, Any]:
+    c = model.config
+    return {
+        "shape": f"L{c.n_layer} H{c.n_head} E{c.n_embd} I{n_inner(c)}",
+        "params": sum(t.numel() for t in model.parameters()),
+        "non_embedding_params": non_embedding_params(model),
+    }
+
+
+def _structured_rows(
+    p: _Parent,
+    points: Sequence[StructuredPoint],
+    importance: str,
+    calib: Any,
+    folders: dict[str, Path],
+    tmp: Path,
+    log: Log,
+) -> list[dict[str, Any]]:
+    """Each structured point, pruned from the parent and measured; saved under `tmp` (its
+    folder added to `folders`) for the decode-speed runs."""
+    rows: list[dict[str, Any]] = []
+    for pt in points:
+        params = PruneStructuredParams(
+            mlp_keep=pt.mlp_keep,
+            heads_keep=pt.heads_keep,
+            layers_keep=list(pt.layers_keep) if pt.layers_keep is not None else None,
+            importance=importance,  # type: ignore[arg-type]
+        )
+        slim, _ = structured_prune(p.model, params, calib)
+        folders[pt.label] = tmp / f"point-{len(rows)}"
+        slim.save_pretrained(folders[pt.label])
+        m = measure(slim, p.blocks, p.batch, p.ref)
+        ratio = _ratio(m["perplexity"], p.perplexity)
+        rows.append({"config": pt.label, **_shape_cols(slim), **m, "ppl_vs_parent": ratio})
+        log(f"sweep: {pt.label} -> perplexity {m['perplexity']:.2f}")
+    return rows
+
+
+def _speed_cols(speed: dict[str, Any], name: str, parent: str) -> dict[str, Any]:
+    """Wall-clock and CPU-time decode tokens/s (see `decode_speed`), and / the parent's."""
+    cols: dict[str, Any] = {}
+    for clock in ("", "cpu_"):
+        for b in (1, 8):
+            key = f"{clock}batch_{b}"
+            cols[f"{clock}tok_s_b{b}"] = speed[name][key]
+            cols[f"{clock}speedup_b{b}"] = _ratio(speed[name][key], speed[parent][key])
+    return cols
+
+
+def _structured_section(
+    p: _Parent, s_rows: list[dict[str, Any]], speed: dict[str, Any], table: int
+) -> tuple[Table, list[Chart]]:
+    """The structured table (the parent first) and its two charts."""
+    parent_row = {
+        "config": f"{p.name} (parent)",
+        **_shape_cols(p.model),
+        **p.figures,
+        "ppl_vs_parent": 1.0,
+    }
+    rows = [parent_row | _speed_cols(speed, p.name, p.name)]
+    rows += [r | _speed_cols(speed, r["config"], p.name) for r in s_rows]
+    charts = [
+        Chart(
+            title="Structured: decode speedup, batch 8",
+            table=table,
+            x="config",
+            y=["speedup_b8", "cpu_speedup_b8"],
+        ),
+        Chart(
+            title="Structured: perplexity / parent's", table=table, x="config", y=["ppl_vs_parent"]
+        ),
+    ]
+    return Table.from_records(f"Structured pruning of {p.name} (no recovery)", rows), charts
+
+
+def _built_table(
+    p: _Parent, store: ArtifactStore, built: list[str], speed: dict[str, Any]
+) -> Table:
+    """The parent and its built pruned children, with their manifests' figures."""
+    rows = []
+    for name in [p.name, *built]:
+        m = p.manifest if name == p.name else store.manifest(name)
+        assert m is not None
+        cols = _manifest_cols(m, p.perplexity)
+        rows.append({"variant": name, "step": m.step, **cols, **_speed_cols(speed, name, p.name)})
+    return Table.from_records(f"Built variants from {p.name} (after recovery)", rows)
+
+
 def run_prune_sweep(
     profile: Profile,
     *,
@@ -97,157 +262,48 @@ def run_prune_sweep(
     from slimserve.data import prepare
 
     amounts = check_amounts(amounts)
-    if scope not in ("global", "layer"):
-        raise ValueError(f"--scope must be 'global' or 'layer', got {scope!r}")
-    if repeats < 1 or steps < 1 or threads < 1:
-        raise ValueError("--repeats, --steps and --threads must be >= 1")
-    parent = parent or profile.default_variant
-    if parent not in profile.variants:
-        raise ValueError(f"--parent: no variant {parent!r} (have: {', '.join(profile.variants)})")
-    store = ArtifactStore(profile.artifacts_root(), profile.name)
-    manifest = store.manifest(parent)
-    if manifest is None:
-        raise FileNotFoundError(f"{parent} is not built: run `slimserve build --only {parent}`")
-    if manifest.runtime != "torch":
-        raise ValueError(f"--parent: {parent} is a {manifest.runtime} variant; pruning needs torch")
-    parent_dir = store.path(parent)
+    name, store, manifest = _check_arguments(profile, parent, scope, repeats, steps, threads)
     data = prepare(profile, log)
-    blocks = data.blocks("test", profile.block_size, profile.eval.max_tokens)
-    batch = profile.eval.batch_size
-    teacher_dir = store.path(profile.teacher) if store.manifest(profile.teacher) else None
-    ref = teacher_top1(teacher_dir, blocks, batch)
-    base_model = load_gpt2(parent_dir)
-    base = measure(base_model, blocks, batch, ref)
-    p0 = base["perplexity"]
-    log(f"sweep: {parent} perplexity {p0:.2f}, agreement {base['agreement']}")
-
-    l1_rows: list[dict[str, Any]] = [
-        {"amount": 0.0, "sparsity": 0.0, **base, "ppl_vs_parent": 1.0},
-    ]
-    for amount in amounts:
-        model = copy.deepcopy(base_model)
-        names = l1_prune(model, amount, scope)
-        _, total = weight_sparsity(model, names)
-        m = measure(model, blocks, batch, ref)
-        l1_rows.append(
-            {"amount": amount, "sparsity": total, **m, "ppl_vs_parent": _ratio(m["perplexity"], p0)}
-        )
-        log(f"sweep: L1 {amount:.2f} -> sparsity {total:.4f}, perplexity {m['perplexity']:.2f}")
+    p = _load_parent(profile, store, name, manifest, data, log)
+    l1_rows = _l1_rows(p, amounts, scope, log)
     tables = [
-        Table.from_records(f"L1 unstructured pruning of {parent} ({scope}, no recovery)", l1_rows)
+        Table.from_records(f"L1 unstructured pruning of {p.name} ({scope}, no recovery)", l1_rows)
     ]
-    charts = [
-        Chart(title="L1: perplexity vs amount", type="line", table=0, x="amount", y=["perplexity"]),
-        Chart(
-            title="L1: agreement with teacher", type="line", table=0, x="amount", y=["agreement"]
-        ),
-    ]
-
+    charts = _l1_charts()
     built = [
-        name
-        for name, v in profile.variants.items()
-        if v.step in PRUNE_STEPS and v.from_ == parent and store.manifest(name) is not None
+        n
+        for n, v in profile.variants.items()
+        if v.step in PRUNE_STEPS and v.from_ == p.name and store.manifest(n) is not None
     ]
     with tempfile.TemporaryDirectory(prefix="prune-sweep-") as tmp:
-        folders: dict[str, Path] = {parent: parent_dir}
+        folders: dict[str, Path] = {p.name: p.folder}
         s_rows: list[dict[str, Any]] = []
         if structured:
-            cfg = base_model.config
+            cfg = p.model.config
             calib = None
             if importance == "activation":
                 calib = calibration_blocks(data, profile.block_size, CALIBRATION_BLOCKS)
-            for pt in points if points is not None else default_points(cfg.n_layer, cfg.n_head):
-                params = PruneStructuredParams(
-                    mlp_keep=pt.mlp_keep,
-                    heads_keep=pt.heads_keep,
-                    layers_keep=list(pt.layers_keep) if pt.layers_keep is not None else None,
-                    importance=importance,  # type: ignore[arg-type]
-                )
-                slim, _ = structured_prune(base_model, params, calib)
-                folders[pt.label] = Path(tmp) / f"point-{len(s_rows)}"
-                slim.save_pretrained(folders[pt.label])
-                m = measure(slim, blocks, batch, ref)
-                c = slim.config
-                s_rows.append(
-                    {
-                        "config": pt.label,
-                        "shape": f"L{c.n_layer} H{c.n_head} E{c.n_embd} I{n_inner(c)}",
-                        "params": sum(t.numel() for t in slim.parameters()),
-                        "non_embedding_params": non_embedding_params(slim),
-                        **m,
-                        "ppl_vs_parent": _ratio(m["perplexity"], p0),
-                    }
-                )
-                log(f"sweep: {pt.label} -> perplexity {m['perplexity']:.2f}")
-        for name in built:
-            folders[name] = store.path(name)
+            pts = points if points is not None else default_points(cfg.n_layer, cfg.n_head)
+            s_rows = _structured_rows(p, pts, importance, calib, folders, Path(tmp), log)
+        for n in built:
+            folders[n] = store.path(n)
         log(f"sweep: decode speed of {len(folders)} models (median of {repeats}, interleaved)")
         speed = decode_speed(folders, (1, 8), repeats, steps, threads=threads)
-
-    def speed_cols(name: str) -> dict[str, Any]:
-        """Wall-clock and CPU-time decode tokens/s (see `decode_speed`), and / the parent's."""
-        cols: dict[str, Any] = {}
-        for clock in ("", "cpu_"):
-            for b in (1, 8):
-                key = f"{clock}batch_{b}"
-                cols[f"{clock}tok_s_b{b}"] = speed[name][key]
-                cols[f"{clock}speedup_b{b}"] = _ratio(speed[name][key], speed[parent][key])
-        return cols
-
-    c0 = base_model.config
-    parent_row = {
-        "config": f"{parent} (parent)",
-        "shape": f"L{c0.n_layer} H{c0.n_head} E{c0.n_embd} I{n_inner(c0)}",
-        "params": sum(t.numel() for t in base_model.parameters()),
-        "non_embedding_params": non_embedding_params(base_model),
-        **base,
-        "ppl_vs_parent": 1.0,
-    }
     if structured:
-        rows = [parent_row | speed_cols(parent)]
-        rows += [r | speed_cols(r["config"]) for r in s_rows]
-        tables.append(Table.from_records(f"Structured pruning of {parent} (no recovery)", rows))
-        t = len(tables) - 1
-        charts.append(
-            Chart(
-                title="Structured: decode speedup, batch 8",
-                table=t,
-                x="config",
-                y=["speedup_b8", "cpu_speedup_b8"],
-            )
-        )
-        charts.append(
-            Chart(
-                title="Structured: perplexity / parent's", table=t, x="config", y=["ppl_vs_parent"]
-            )
-        )
-    b_rows = [
-        {
-            "variant": parent,
-            "step": manifest.step,
-            **_manifest_cols(manifest, p0),
-            **speed_cols(parent),
-        }
-    ]
-    for name in built:
-        m = store.manifest(name)
-        assert m is not None
-        b_rows.append(
-            {"variant": name, "step": m.step, **_manifest_cols(m, p0), **speed_cols(name)}
-        )
-    tables.append(Table.from_records(f"Built variants from {parent} (after recovery)", b_rows))
-
-    notes = _notes(l1_rows, speed, parent, threads, repeats, steps)
+        table, more = _structured_section(p, s_rows, speed, table=len(tables))
+        tables.append(table)
+        charts += more
+    tables.append(_built_table(p, store, built, speed))
     report = new_report(
         REPORT_NAME,
         kind="prune-sweep",
-        title=f"Pruning sweep of {parent} ({profile.name} profile)",
+        title=f"Pruning sweep of {p.name} ({profile.name} profile)",
         tables=tables,
         charts=charts,
-        notes=notes,
+        notes=_notes(l1_rows, speed, p.name, threads, repeats, steps),
     )
     paths = write_report(report, reports_dir, png=png)
-    log(f"sweep: wrote {', '.join(str(p) for p in paths)}")
+    log(f"sweep: wrote {', '.join(str(path) for path in paths)}")
     return report, paths
 
 
