@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test demo artifacts lint format clean-artifacts help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # [cpu] = onnxruntime; the GPU image builds with EXTRAS=dev,gpu (onnxruntime-gpu instead).
 EXTRAS ?= dev,cpu
@@ -101,6 +101,13 @@ PEERS_ARGS ?=
 # and an older transformers. PEERS_ARGS passes options, e.g. "--concurrency 1 4 --no-big".
 bench-peers: $(STAMP)  ## slimserve vs vLLM vs the Flask baseline, same weights, tiny + 124M-shaped -> reports/bench_peers.*
 	$(BIN)/python -m bench.peers --config $(CONFIG) $(PEERS_ARGS)
+
+.PHONY: smoke-gpt2
+
+# configs/gpt2.yaml offline on the CPU: local stand-ins for the hub, a few thousand tokens per
+# step; every CPU variant built, served (serve_config.yaml) and probed. Needs ~12 GiB free.
+smoke-gpt2: $(STAMP)  ## the GPT-2 profile end to end, offline, CPU (<= 25 min) -> reports/gpt2_smoke.{json,md}
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m gpt2_smoke tests/bench/test_gpt2_smoke.py
 
 .PHONY: gpu-smoke
 
