@@ -13,6 +13,9 @@ Stream events, in order:
 * `{"event": "delta", "index": int, "text": str, "token_ids": [...], "finish_reason": ...}`
   per token with new text, and a last one per choice with `finish_reason` set;
 * `{"event": "end", "usage": {...}, "timings": {...}}`.
+
+A stream sends them in lists, one list per message: `start` with the first delta and, for one
+choice, the last delta with `end` (each message costs both hops CPU, whatever its size).
 """
 
 from __future__ import annotations

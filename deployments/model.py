@@ -134,10 +134,24 @@ class ModelServer:
 
     # -- generation -----------------------------------------------------------------------------
 
-    async def stream(self, job: dict[str, Any]) -> AsyncIterator[Event]:
-        """Streaming generation (call with `handle.options(stream=True)`); see messages.py."""
+    async def stream(self, job: dict[str, Any]) -> AsyncIterator[list[Event]]:
+        """Streaming generation (call with `handle.options(stream=True)`); see messages.py.
+
+        Yields lists of events, one list per message to the ingress: `start` goes with the
+        first delta, and (one choice) the last delta with `end`, so a stream costs the two
+        hops two messages fewer. Neither waits: they come out of the engine together.
+        """
+        held: list[Event] = []
+        one = int(job.get("n", 1)) == 1
         async for event in self._run(job):
-            yield event
+            held.append(event)
+            kind = event["event"]
+            if kind == "start" or (one and kind == "delta" and event["finish_reason"] is not None):
+                continue
+            yield held
+            held = []
+        if held:
+            yield held
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
         """Non-streamed generation: `{"choices", "usage", "timings", "prompt_ids"}` or

@@ -139,17 +139,19 @@ class ReplicaClient:
                     raise self._give_up(exc, model) from exc
 
     async def _first_frame(self, gen: DeploymentResponseGenerator, deadline: float) -> list[Event]:
-        """The replica's events up to the first that makes a frame (a delta or the end)."""
+        """The replica's events up to the first that makes a frame (a delta or the end); the
+        replica sends them in lists (deployments.model `stream`)."""
         events: list[Event] = []
         while True:
             try:
-                event = await asyncio.wait_for(gen.__anext__(), self.left(deadline))
+                batch = await asyncio.wait_for(gen.__anext__(), self.left(deadline))
             except StopAsyncIteration:
                 return events
-            if event["event"] == "error":
-                raise replica_error(event["error"])
-            events.append(event)
-            if event["event"] != "start":
+            for event in batch:
+                if event["event"] == "error":
+                    raise replica_error(event["error"])
+            events += batch
+            if any(e["event"] != "start" for e in batch):
                 return events
 
     def _give_up(self, exc: Exception, model: str | None) -> Exception:

@@ -10,6 +10,7 @@ their retries and their errors are deployments.replica_client's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -96,34 +97,45 @@ async def sse(
     deadline: float,
 ) -> AsyncIterator[str]:
     """The SSE body: frames until the replica ends, then `[DONE]`. Leaving early (client
-    gone, timeout, error) cancels the replica's generation."""
+    gone, timeout, error) cancels the replica's generation.
+
+    Each replica message (a list of events) becomes ONE body chunk, however many frames it
+    makes: every chunk is a message from the ingress to the proxy, so the opening frames go
+    with the first delta, and the last delta, the usage frame and `[DONE]` go together.
+    """
     finished = False
+    out = "".join(fmt.opening())
+    tail = ""
     try:
-        for f in fmt.opening():
-            yield f
-        for event in first:
-            for f in fmt.feed(event):
-                yield f
+        batch = first
         while True:
-            try:
-                event = await asyncio.wait_for(gen.__anext__(), client.left(deadline))
-            except StopAsyncIteration:
+            out += "".join(f for event in batch for f in fmt.feed(event))
+            if any(event["event"] == "end" for event in batch):
+                finished = True
                 break
-            for f in fmt.feed(event):
-                yield f
-        finished = True
+            if out:
+                yield out
+                out = ""
+            try:
+                batch = await asyncio.wait_for(gen.__anext__(), client.left(deadline))
+            except StopAsyncIteration:
+                finished = True
+                break
     except TimeoutError:
-        yield frame(client.timeout().payload())
+        tail = frame(client.timeout().payload())
     except Exception as exc:  # mid-stream: the status line is gone, send an error frame
         log.warning("stream failed for %s: %r", fmt.model, exc)
         if isinstance(exc, RETRYABLE):
             client.replica_lost()
-        yield frame(stream_error(exc))
+        tail = frame(stream_error(exc))
     finally:
         if not finished:
             cancel(gen)
         client.queues.freed(fmt.model)
-    yield DONE
+    yield out + tail + DONE
+    if finished:  # let the replica's stream end, so Serve counts the call as done
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(gen.__anext__(), client.left(deadline))
 
 
 async def infer(

@@ -125,14 +125,17 @@ def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
 
 
 class FakeStream:
-    """A replica stream: its events in order; an exception item is raised where it stands."""
+    """A replica stream: its messages in order (an event alone is a message of one, a list is
+    one message); an exception item is raised where it stands."""
 
     def __init__(self, *items: object):
-        self.items = list(items)
+        self.items = [[i] if isinstance(i, dict) else i for i in items]
         self.cancelled = False
+        self.drained = False
 
     async def __anext__(self) -> object:
         if not self.items:
+            self.drained = True
             raise StopAsyncIteration
         item = self.items.pop(0)
         if isinstance(item, BaseException):
@@ -200,17 +203,24 @@ def gate(monkeypatch):
     return g
 
 
-def body_of(gate, stream, first) -> list[str]:
+def chunks_of(gate, stream, first, usage: bool = False) -> list[str]:
+    """The SSE body's chunks (each one message from the ingress to the proxy)."""
     import asyncio
 
     from deployments.serving import sse
     from deployments.sse import ChunkFormatter
 
     async def collect() -> list[str]:
-        fmt = ChunkFormatter("completion", "cmpl-1", "student", 1, False)
+        fmt = ChunkFormatter("completion", "cmpl-1", "student", 1, usage)
         return [f async for f in sse(gate, stream, first, fmt, gate.far)]
 
     return asyncio.run(collect())
+
+
+def body_of(gate, stream, first) -> list[str]:
+    """The SSE body's frames."""
+    chunks = chunks_of(gate, stream, first)
+    return [f + "\n\n" for chunk in chunks for f in chunk.split("\n\n") if f]
 
 
 @pytest.mark.timeout(10)
@@ -229,6 +239,23 @@ def test_stream_before_its_first_frame_is_retried_like_a_non_streamed_call(gate)
     frames = body_of(gate, stream, first)
     texts = [json.loads(f.removeprefix("data: "))["choices"][0]["text"] for f in frames[:-1]]
     assert texts == ["hi", "!"] and frames[-1] == "data: [DONE]\n\n"
+
+
+@pytest.mark.timeout(10)
+def test_a_replica_message_is_one_chunk_and_the_last_one_carries_done(gate):
+    import asyncio
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    end = {"event": "end", "usage": usage, "timings": {}}
+    stream = FakeStream([START, DELTA], [END, end])  # as deployments.model `stream` groups them
+    opened, first = asyncio.run(gate.open_stream(FakeHandle(stream), {}, gate.far, "student"))
+    assert first == [START, DELTA]
+    chunks = chunks_of(gate, opened, first, usage=True)
+    assert len(chunks) == 2 and chunks[1].endswith("data: [DONE]\n\n")
+    frames = [json.loads(f.removeprefix("data: ")) for f in chunks[1].split("\n\n")[:2]]
+    assert frames[0]["choices"][0]["finish_reason"] == "length"
+    assert frames[1]["usage"] == usage
+    assert stream.drained and not stream.cancelled  # Serve sees the call end normally
 
 
 @pytest.mark.timeout(10)
