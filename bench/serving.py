@@ -31,9 +31,8 @@ from typing import Any
 import aiohttp
 
 from bench.engine_bench import PROMPTS
+from slimserve.protocol import SSEDecoder
 from slimserve.stats import percentile
-
-DATA = b"data: "
 
 
 @dataclass
@@ -174,12 +173,12 @@ async def _read_stream(resp: aiohttp.ClientResponse, t0: float) -> RequestResult
     frames = 0
     tokens: int | None = None
     done = False
+    decoder = SSEDecoder()
     async for raw in resp.content:
-        line = raw.strip()
-        if not line.startswith(DATA):
+        payload = decoder.feed(raw.decode().rstrip("\r\n"))
+        if payload is None:
             continue
-        payload = line[len(DATA) :]
-        if payload == b"[DONE]":
+        if payload == "[DONE]":
             done = True
             break
         event = json.loads(payload)

@@ -31,6 +31,7 @@ from slimserve.protocol import (
     CompletionRequest,
     CompletionResponse,
     ModelList,
+    iter_sse_data,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -201,24 +202,6 @@ def _validated(model: type[M], payload: dict[str, Any]) -> M:
         raise IngressError("bad_request", f"{param}: {first['msg']}", param=param) from None
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[str]:
-    """The `data:` payloads of a Server-Sent Events stream, one per event.
-
-    Multi-line data fields are joined with newlines (the SSE rule); comments (`:`) and other
-    fields (`event:`, `id:`) are ignored. `[DONE]` is yielded like any payload; the caller stops.
-    """
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    if data:
-        yield "\n".join(data)
-
-
 @lru_cache(maxsize=1)
 def _tls() -> ssl.SSLContext:
     """One TLS context for every call: building one (loading the CA bundle) costs ~0.2 s,
@@ -325,7 +308,7 @@ class IngressClient:
             with self._http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code >= 400:
                     raise _error_from_response(r, r.read())
-                for payload in parse_sse(r.iter_lines()):
+                for payload in iter_sse_data(r.iter_lines()):
                     if payload == "[DONE]":
                         done = True
                         stats.e2e_s = time.perf_counter() - start  # before closing the stream

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -296,3 +297,42 @@ class CompareResponse(BaseModel):
     reference: str | None = Field(None, description="the teacher variant, if deployed")
     results: list[CompareResult]
     machine: dict[str, Any] = Field(default_factory=dict)
+
+
+class SSEDecoder:
+    """Client side of the streamed replies: Server-Sent Events, fed one line at a time.
+
+    `feed(line)` (without its line ending) returns an event's data when the blank line that
+    ends it arrives. Multi-line data fields are joined with newlines (the SSE rule); comments
+    (`:`) and other fields (`event:`, `id:`) are ignored. `[DONE]` is returned like any data;
+    the caller stops.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        if line == "":
+            return self.flush()
+        if line.startswith("data:"):
+            self._data.append(line[5:].removeprefix(" "))
+        return None
+
+    def flush(self) -> str | None:
+        """The data of an event still open (a stream that ended without its blank line)."""
+        if not self._data:
+            return None
+        data, self._data = "\n".join(self._data), []
+        return data
+
+
+def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
+    """The data of each event in a stream of SSE lines (see `SSEDecoder`)."""
+    decoder = SSEDecoder()
+    for line in lines:
+        data = decoder.feed(line)
+        if data is not None:
+            yield data
+    tail = decoder.flush()
+    if tail is not None:
+        yield tail

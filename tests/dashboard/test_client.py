@@ -10,9 +10,9 @@ from dashboard.client import (
     IngressError,
     Sampling,
     Settings,
-    parse_sse,
     with_overrides,
 )
+from slimserve.protocol import iter_sse_data
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -31,8 +31,8 @@ def test_settings_from_env():
 
 def test_parse_sse_events_comments_and_multiline():
     lines = [": keep-alive", "event: x", "data: a", "", "data: b", "data: c", "", "data:[DONE]", ""]
-    assert list(parse_sse(iter(lines))) == ["a", "b\nc", "[DONE]"]
-    assert list(parse_sse(iter(["data: tail"]))) == ["tail"]  # no trailing blank line
+    assert list(iter_sse_data(iter(lines))) == ["a", "b\nc", "[DONE]"]
+    assert list(iter_sse_data(iter(["data: tail"]))) == ["tail"]  # no trailing blank line
 
 
 def test_chat_stream_yields_deltas_and_stats(fake_ingress):
