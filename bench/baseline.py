@@ -22,16 +22,16 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.server_process import server_process, terminate
 
 THREADS = 2
 
@@ -206,28 +206,20 @@ def start_baseline(
     }
     cmd = [sys.executable, "-m", "bench.baseline", str(model_dir), "--port", str(port)]
     cmd += ["--threads", str(threads)]
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"baseline server exited with {proc.returncode} (log: {log})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"baseline server not healthy after {timeout_s:.0f}s")
-            time.sleep(0.2)
+    with server_process(
+        cmd,
+        ready=lambda: _healthy(url),
+        exited=lambda rc: RuntimeError(f"baseline server exited with {rc} (log: {log})"),
+        timed_out=lambda: TimeoutError(f"baseline server not healthy after {timeout_s:.0f}s"),
+        stop=terminate,
+        log=Path(log) if log else None,
+        timeout_s=timeout_s,
+        poll_s=0.2,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    ) as proc:
         yield BaselineServer(url, proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:

