@@ -94,7 +94,8 @@ class ReplicaClient:
         while True:
             response = make()
             try:
-                result = await asyncio.wait_for(_wait(response), self.left(deadline))
+                async with asyncio.timeout(self.left(deadline)):  # no task per call
+                    result = await response
                 if isinstance(result, dict) and "error" in result:
                     raise replica_error(result["error"])
             except TimeoutError:
@@ -144,7 +145,8 @@ class ReplicaClient:
         events: list[Event] = []
         while True:
             try:
-                batch = await asyncio.wait_for(gen.__anext__(), self.left(deadline))
+                async with asyncio.timeout(self.left(deadline)):
+                    batch = await gen.__anext__()
             except StopAsyncIteration:
                 return events
             for event in batch:
@@ -186,10 +188,6 @@ class ReplicaClient:
         )
         await asyncio.sleep(pause)
         return True
-
-
-async def _wait(response: DeploymentResponse) -> Any:
-    return await response
 
 
 def cancel(response: DeploymentResponse | DeploymentResponseGenerator) -> None:

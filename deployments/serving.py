@@ -117,7 +117,8 @@ async def sse(
                 yield out
                 out = ""
             try:
-                batch = await asyncio.wait_for(gen.__anext__(), client.left(deadline))
+                async with asyncio.timeout(client.left(deadline)):  # no task per message
+                    batch = await gen.__anext__()
             except StopAsyncIteration:
                 finished = True
                 break
@@ -135,7 +136,8 @@ async def sse(
     yield out + tail + DONE
     if finished:  # let the replica's stream end, so Serve counts the call as done
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(gen.__anext__(), client.left(deadline))
+            async with asyncio.timeout(client.left(deadline)):
+                await gen.__anext__()
 
 
 async def infer(
