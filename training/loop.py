@@ -312,24 +312,73 @@ class Learner:
         )
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function: `config["job"]` is a `LoopConfig`."""
+def _start_worker(job: LoopConfig) -> tuple[int, int, torch.device]:
+    """Rank, world size and device of this Ray Train worker; threads, seed and logs set."""
     import ray.train
     import ray.train.torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     quiet_report_log()
-    job: LoopConfig = config["job"]
-    b = job.budget
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed + rank)
-    if b.batch_size % world:
-        raise ValueError(f"batch_size {b.batch_size} must be a multiple of the {world} workers")
+    if job.budget.batch_size % world:
+        raise ValueError(
+            f"batch_size {job.budget.batch_size} must be a multiple of the {world} workers"
+        )
+    return rank, world, device
+
+
+def _initial_state(
+    learner: Learner, val_loss: Callable[[], float]
+) -> tuple[dict[str, Any], int | None]:
+    """Step, tokens and starting val loss (from the checkpoint when resuming), and the step
+    resumed from (None on a fresh run)."""
+    if learner.saved is not None:
+        state = {k: learner.saved[k] for k in ("step", "tokens", "initial_val_loss")}
+        return state, state["step"]
+    # the starting point, so a run shows (and tests check) how far training moved it
+    return {"step": 0, "tokens": 0, "initial_val_loss": val_loss()}, None
+
+
+def _loss_metrics(state: dict[str, Any], train_loss: float, loss: float) -> dict[str, Any]:
+    """Step, tokens and the losses as reported (perplexity from the validation loss)."""
+    return {
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "train_loss": round(train_loss, 4),
+        "val_loss": round(loss, 4),
+        "val_perplexity": round(math.exp(min(loss, 50.0)), 3),
+        "initial_val_loss": round(state["initial_val_loss"], 4),
+    }
+
+
+def _report(
+    metrics: dict[str, Any], learner: Learner, state: dict[str, Any], rank: int, ckpt: bool
+) -> None:
+    """`ray.train.report` the metrics; with a checkpoint (written by rank 0) when `ckpt`."""
+    import ray.train
+
+    if not ckpt:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            learner.save(Path(tmp), state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function: `config["job"]` is a `LoopConfig`."""
+    job: LoopConfig = config["job"]
+    b = job.budget
+    rank, world, device = _start_worker(job)
     train = torch.from_numpy(np.asarray(job.train_blocks, dtype=np.int64))  # (N, T)
     val = torch.from_numpy(np.asarray(job.val_blocks[: b.eval_blocks], dtype=np.int64))
     sched = Schedule.of(b, train.shape[1])
@@ -338,12 +387,7 @@ def train_worker(config: dict[str, Any]) -> None:
     def val_loss() -> float:
         return validate(learner.model, val, rank, world, device, learner.amp)
 
-    if learner.saved is not None:
-        state = {k: learner.saved[k] for k in ("step", "tokens", "initial_val_loss")}
-        resumed_from = state["step"]
-    else:  # the starting point, so a run shows (and tests check) how far training moved it
-        state = {"step": 0, "tokens": 0, "initial_val_loss": val_loss()}
-        resumed_from = None
+    state, resumed_from = _initial_state(learner, val_loss)
     if rank == 0:
         say(
             f"[{job.label}] {sched.total_steps} steps × {sched.tokens_per_step:,} tokens "
@@ -384,12 +428,7 @@ def train_worker(config: dict[str, Any]) -> None:
         train_loss = _all_sum([sum(window) / max(len(window), 1)], device)[0] / world
         window = []
         metrics = {
-            "step": step,
-            "tokens": state["tokens"],
-            "train_loss": round(train_loss, 4),
-            "val_loss": round(loss, 4),
-            "val_perplexity": round(math.exp(min(loss, 50.0)), 3),
-            "initial_val_loss": round(state["initial_val_loss"], 4),
+            **_loss_metrics(state, train_loss, loss),
             "lr": learner.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tps, 1),
             "seconds": round(time.time() - start, 1),
@@ -403,12 +442,4 @@ def train_worker(config: dict[str, Any]) -> None:
                 f"val {loss:.3f} (ppl {metrics['val_perplexity']:.1f}) | {tps:,.0f} tok/s | "
                 f"ETA {eta}"
             )
-        if not do_ckpt:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                learner.save(Path(tmp), state)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        _report(metrics, learner, state, rank, do_ckpt)
