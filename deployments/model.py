@@ -158,7 +158,7 @@ class ModelServer:
         `{"error"}`."""
         choices: dict[int, dict[str, Any]] = {}
         result: dict[str, Any] = {}
-        async for event in self._run(job):
+        async for event in self._run(job, stream=False):
             kind = event["event"]
             if kind == "error":
                 return {"error": event["error"]}
@@ -172,7 +172,9 @@ class ModelServer:
         result["choices"] = [{"index": i, **choices[i]} for i in sorted(choices)]
         return result
 
-    async def _run(self, job: dict[str, Any]) -> AsyncIterator[Event]:
+    async def _run(self, job: dict[str, Any], stream: bool = True) -> AsyncIterator[Event]:
+        """The events of one job (messages.py); `stream=False`: one delta per choice, with
+        its whole text, once every choice has finished (no per-token events to merge)."""
         n = int(job.get("n", 1))
         try:
             base = SamplingParams(**job["params"])
@@ -201,9 +203,17 @@ class ModelServer:
             if job.get("return_prompt_ids"):
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
-            merged = _merge(streams)
-            async for event in _coalesce(merged, self._tokens_per_event, self.min_interval_s):
-                yield event
+            if stream:
+                merged = _merge(streams)
+                async for event in _coalesce(merged, self._tokens_per_event, self.min_interval_s):
+                    yield event
+            else:
+                for s in streams:  # they run together in the engine; wait for each to end
+                    async for _ in s:
+                        pass
+                for i, s in enumerate(streams):
+                    c = s.completion()
+                    yield _delta(i, c.text, c.token_ids, c.finish_reason)
             yield {"event": "end", **_summary(streams)}
         finally:
             for s in streams:  # client gone or timed out: free the batch slots now
@@ -379,13 +389,7 @@ async def _coalesce(
     async for index, chunk in chunks:
         event = pending.get(index)
         if event is None:
-            event = pending[index] = {
-                "event": "delta",
-                "index": index,
-                "text": "",
-                "token_ids": [],
-                "finish_reason": None,
-            }
+            event = pending[index] = _delta(index, "", [], None)
         event["text"] += chunk.text
         event["token_ids"] += chunk.token_ids
         event["finish_reason"] = chunk.finish_reason
@@ -402,6 +406,16 @@ async def _coalesce(
                 yield pending.pop(i)
                 counts.pop(i)
                 sent, last = True, clock()
+
+
+def _delta(index: int, text: str, token_ids: list[int], reason: str | None) -> Event:
+    return {
+        "event": "delta",
+        "index": index,
+        "text": text,
+        "token_ids": token_ids,
+        "finish_reason": reason,
+    }
 
 
 def _summary(streams: list[RequestStream]) -> dict[str, Any]:
