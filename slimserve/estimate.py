@@ -113,7 +113,9 @@ def measure_flops(threads: int | None = None, steps: int = 3) -> float:
     """Training FLOP/s of this machine: AdamW steps of a 4-layer, 256-wide GPT-2 (batch 16 × 128,
     the tiny teacher's own step)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
+
+    from slimserve.gpt2_config import gpt2_config
 
     shape = Shape(4, 256, 1024, 4096, 128)
     before = torch.get_num_threads()
@@ -121,15 +123,7 @@ def measure_flops(threads: int | None = None, steps: int = 3) -> float:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        cfg = GPT2Config(
-            n_layer=4,
-            n_embd=256,
-            n_head=4,
-            vocab_size=4096,
-            n_positions=128,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+        cfg = gpt2_config(n_layer=4, n_head=4, n_embd=256, vocab_size=4096, n_positions=128)
         model = GPT2LMHeadModel(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, 4096, (16, 128))

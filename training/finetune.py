@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from slimserve.gpt2_config import gpt2_config
 from slimserve.runner import StepContext, StepResult
 from slimserve.steps import FinetuneParams
 from training.kd import non_embedding_params
@@ -33,18 +34,17 @@ def scratch_model(params: FinetuneParams, ctx: StepContext) -> GPT2LMHeadModel:
     shape = params.model
     assert shape is not None
     eos = ctx.data.tokenizer().eos_token_id
-    config = GPT2Config(
+    config = gpt2_config(
         vocab_size=int(ctx.data.stats["vocab_size"]),
         n_positions=shape.n_positions or ctx.profile.block_size,
         n_embd=shape.n_embd,
         n_layer=shape.n_layer,
         n_head=shape.n_head,
+        eos=eos,
         n_inner=shape.n_inner,
         resid_pdrop=shape.dropout,
         embd_pdrop=shape.dropout,
         attn_pdrop=shape.dropout,
-        bos_token_id=eos,
-        eos_token_id=eos,
     )
     torch.manual_seed(ctx.profile.seed)
     return GPT2LMHeadModel(config)

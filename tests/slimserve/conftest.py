@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimserve.gpt2_config import gpt2_config
 from slimserve.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
 
 CONTEXT = 128
@@ -54,20 +55,19 @@ def _corpus(n_lines: int = 200, seed: int = 0) -> list[str]:
 
 def build_tiny_model(folder: Path, *, seed: int = 0, vocab_size: int = 300) -> Path:
     """Write a 2-layer, 32-wide GPT-2 plus its tokenizer into `folder` (HF layout, no manifest)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     tok = train_bpe(_corpus(), vocab_size=vocab_size)
     save_hf_tokenizer(tok, folder, model_max_length=CONTEXT)
     eos = load_tokenizer(folder).eos_token_id
     torch.manual_seed(seed)
-    config = GPT2Config(
+    config = gpt2_config(
         n_layer=2,
         n_head=2,
         n_embd=32,
         vocab_size=tok.get_vocab_size(),
         n_positions=CONTEXT,
-        bos_token_id=eos,
-        eos_token_id=eos,
+        eos=eos,
         initializer_range=0.2,  # peaked, varied logits: greedy output is not one repeated token
     )
     GPT2LMHeadModel(config).eval().save_pretrained(folder)

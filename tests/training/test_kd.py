@@ -6,22 +6,15 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from slimserve.gpt2_config import gpt2_config
 from training.kd import default_layers, init_student, kd_loss, non_embedding_params
 
 
 def tiny_gpt2(n_layer: int = 4, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=n_layer,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = gpt2_config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
     return GPT2LMHeadModel(config).eval()
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from slimserve.catalogue import Profile, TrainingDefaults, parse_profile
 from slimserve.data import prepare
+from slimserve.gpt2_config import gpt2_config
 from slimserve.runner import build
 from slimserve.steps import Budget
 from training.loop import LoopConfig, Schedule, batch_rows, lr_factor, train_worker, zero_masks
@@ -131,19 +132,11 @@ def run_in_process(job: LoopConfig, monkeypatch) -> tuple[dict, dict[str, torch.
 
 
 def test_mask_hook_keeps_pruned_weights_at_zero(tmp_path, monkeypatch):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=64,
-            n_positions=16,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+        gpt2_config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16)
     )
     fc = model.transformer.h[0].mlp.c_fc.weight  # Conv1D (in, out)
     with torch.no_grad():
@@ -292,7 +285,7 @@ def test_interrupted_teacher_resumes_then_student_distils(
 
 def test_hub_path_finetunes_a_local_pretrained_folder(ray_session, tmp_path, corpus):
     """configs/gpt2.yaml with its hub ids replaced by a local tiny GPT-2 folder, on 2 workers."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from slimserve.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
 
@@ -301,15 +294,7 @@ def test_hub_path_finetunes_a_local_pretrained_folder(ray_session, tmp_path, cor
     save_hf_tokenizer(train_bpe(texts, 300), hub, model_max_length=64)
     eos = load_tokenizer(hub).eos_token_id
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=300,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=eos,
-        eos_token_id=eos,
-    )
+    config = gpt2_config(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64, eos=eos)
     GPT2LMHeadModel(config).save_pretrained(hub)
 
     raw = yaml.safe_load((ROOT / "configs" / "gpt2.yaml").read_text())
