@@ -225,11 +225,14 @@ def _race(plan: BenchPlan, folder: Path, root: Path, out: Path) -> dict[str, lis
 
 
 def _serve_threads(plan: BenchPlan) -> str:
-    """The student replica's torch threads, as serve_config.yaml decides them."""
+    """The served variant's replica torch threads, as serve_config.yaml decides them."""
     import yaml
 
     from deployments.settings import parse_args, resolve
+    from slimserve.catalogue import load_profile
 
+    if plan.variant is None:
+        plan.resolve_variant(load_profile(plan.config))
     args = yaml.safe_load(Path(plan.serve_config).read_text())["applications"][0]["args"]
     settings = parse_args(args)
     s = resolve(settings, list(settings.variants) or [plan.variant]).get(plan.variant)
