@@ -148,9 +148,13 @@ def serve_config_for(base: str | Path, profile_path: Path, root: Path, out: Path
     the base gives its student (batch size, queue limits), so the race is run as tuned, and
     every core of the machine as intra-op threads: a 124M model's step is matrix work, which
     threads divide (serve_config.yaml says when to set `threads`)."""
+    from slimserve.catalogue import load_profile
+    from slimserve.cli import DEFAULT_CONFIG
+
     raw = yaml.safe_load(Path(base).read_text())
     args = raw["applications"][0].setdefault("args", {})
-    student = dict((args.get("variants") or {}).get("student") or {})
+    served = load_profile(args.get("config", DEFAULT_CONFIG)).default_variant
+    student = dict((args.get("variants") or {}).get(served) or {})
     student["threads"] = os.cpu_count() or 1
     args["config"] = str(profile_path.resolve())
     args["artifacts_dir"] = str(root.resolve())
