@@ -105,7 +105,7 @@ bench-peers: $(STAMP)  ## slimserve vs vLLM vs the Flask baseline, same weights,
 .PHONY: smoke-gpt2
 
 # configs/gpt2.yaml offline on the CPU: local stand-ins for the hub, a few thousand tokens per
-# step; every CPU variant built, served (serve_config.yaml) and probed. Needs ~12 GiB free.
+# step; every CPU variant built, served (serve_config.yaml) and probed. Needs ~16 GiB free.
 smoke-gpt2: $(STAMP)  ## the GPT-2 profile end to end, offline, CPU (<= 25 min) -> reports/gpt2_smoke.{json,md}
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m gpt2_smoke tests/bench/test_gpt2_smoke.py
 

@@ -285,18 +285,20 @@ def serve_and_probe(
 
 
 def replica_memory() -> dict[str, float]:
-    """RSS per Serve replica process (by its Ray process title), in MiB."""
+    """RSS per Serve replica (`ray::ServeReplica:<app>:<deployment>`, the process title Ray
+    sets) among this process's descendants (the Ray started here, not others'), in MiB."""
     import psutil
 
     out: dict[str, float] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        title = " ".join(p.info["cmdline"] or [])
-        if title.startswith("ray::ServeReplica:slimserve:"):
-            name = title.split(":")[3].split(".")[0].split()[0]
-            try:
-                out[name] = max(out.get(name, 0.0), _mb(p.memory_info().rss) or 0.0)
-            except psutil.Error:
-                continue
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = (p.cmdline() or [""])[0]
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ServeReplica:"):
+            name = title.split(":")[-1].split(".")[0].strip()
+            out[name] = max(out.get(name, 0.0), _mb(rss) or 0.0)
     return out
 
 
