@@ -13,9 +13,12 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
    so they join the next decode step (iteration-level batching, as vLLM and TGI do);
 4. one vectorised `sample` picks a token for every row (prefilled rows get their first token).
 
-Overlap (`EngineConfig.overlap`, on by default): as soon as a step's tokens are back, the next
-step is planned and handed to the worker, and only then are the tokens turned into text, so
-the loop's per-token work (detokenizing, stop strings, streaming) runs while the model does.
+Overlap (`EngineConfig.overlap`; by default on for a GPU runtime, off on a CPU): as soon as a
+step's tokens are back, the next step is planned and handed to the worker, and only then are
+the tokens turned into text, so the loop's per-token work (detokenizing, stop strings,
+streaming) runs while the model does. That pays when the step waits on a device; on a CPU the
+step's own Python holds the GIL the loop needs, and under Serve at 16 clients it gained
+nothing measurable (2-core Xeon) while a lone request got slower, so it is off there.
 The next step cannot know yet which rows that text work will end: rows ending by `max_tokens`
 or the context are left out (that is known from the counts), and a row ending on EOS or a stop
 string decodes one more token that is thrown away. With a repetition penalty in the batch the
@@ -443,12 +446,16 @@ class Engine:
                 pending = None
                 continue
             done, pending = pending, None
-            if self.config.overlap and not any(
-                r.params.repetition_penalty != 1.0 for r in done.rows
-            ):
+            if self._overlap and not any(r.params.repetition_penalty != 1.0 for r in done.rows):
                 pending = self._launch(ahead=True)
             self._collect(done, tokens)
             await asyncio.sleep(0)  # let consumers and submitters run between steps
+
+    @property
+    def _overlap(self) -> bool:
+        if self.config.overlap is None:
+            return self.runtime.info.device.startswith("cuda")
+        return self.config.overlap
 
     def _launch(self, ahead: bool) -> _Step | None:
         """Plan a step and hand it to the worker (None: nothing to run).

@@ -36,8 +36,9 @@ class EngineConfig:
     """How long the first request reaching an idle engine waits for company before prefill."""
     max_queue: int = 1024
     """Most requests waiting for a batch slot; past it `submit` raises QueueFullError."""
-    overlap: bool = True
-    """Launch the next model step before turning this step's tokens into text (see engine.py)."""
+    overlap: bool | None = None
+    """Launch the next model step before turning this step's tokens into text (see engine.py);
+    None = on when the runtime runs on a GPU, off on a CPU."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -559,3 +559,15 @@ def test_overlap_wastes_one_row_on_eos_and_none_on_length(tiny_runtime, tiny_tok
     assert n == m == (8 if ignore_eos else 3)
     assert in_turn == (7 if ignore_eos else 3)  # the first token comes from the prefill
     assert overlapped == in_turn + (0 if ignore_eos else 1)
+
+
+def test_overlap_defaults_to_the_runtimes_device(tiny_runtime, tiny_tokenizer):
+    import dataclasses
+
+    assert Engine(tiny_runtime, tiny_tokenizer)._overlap is False  # CPU
+
+    class OnGpu:
+        info = dataclasses.replace(tiny_runtime.info, device="cuda:0")
+
+    assert Engine(OnGpu(), tiny_tokenizer)._overlap is True
+    assert Engine(OnGpu(), tiny_tokenizer, EngineConfig(overlap=False))._overlap is False
