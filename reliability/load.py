@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from slimserve import stats
+
 
 @dataclass
 class Outcome:
@@ -67,12 +69,8 @@ class Tally:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
+    """`slimserve.stats.percentile` (the benchmarks' rule), 0.0 for no values."""
+    return stats.percentile(values, q) or 0.0
 
 
 async def plain(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: float) -> Outcome:

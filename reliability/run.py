@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reliability import broken, faults, hostile, overload, soak
+from slimserve.net import free_port
 
 APP = "reliability"
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
@@ -124,8 +125,6 @@ def serve_env(path: Path = SERVE_CONFIG) -> dict[str, str]:
 
 def _start_serve() -> str:
     """Ray + Serve on a free port of 127.0.0.1; the base URL."""
-    import socket
-
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -133,9 +132,7 @@ def _start_serve() -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(serve_env())  # before Ray starts: every Ray process inherits them
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=180))
     return f"http://127.0.0.1:{port}"
 
