@@ -136,7 +136,10 @@ def test_replicas_hold_their_gpu_shares_and_answer(one_gpu_ray, served):
             timeout=60,
         )
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 3
+        # sampled (temperature 1) from a random model: EOS may come before the third token
+        done = r.json()
+        n, reason = done["usage"]["completion_tokens"], done["choices"][0]["finish_reason"]
+        assert (n, reason) == (3, "length") or (0 <= n < 3 and reason == "stop"), done
     cards = httpx.get(f"{served['url']}/v1/models", timeout=30).json()["data"]
     assert {c["id"]: c["device"] for c in cards} == {"teacher": "cuda", "student": "cuda"}
 
