@@ -46,6 +46,7 @@ from build_engines.parity import prompt_ids, quality_vs
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
 from slimserve.runtimes.onnx_rt import read_sidecar
+from slimserve.runtimes.spec import ONNXRUNTIME, TORCH, runtime_spec
 from slimserve.steps import ExportOnnxParams, QuantizeInt8Params
 from slimserve.tokenizer import copy_tokenizer_files
 
@@ -137,7 +138,8 @@ def _fp32_source(
 ) -> tuple[Path, dict[str, Any]]:
     """The fp32 ONNX folder to quantize: the parent itself, or an export of a torch parent."""
     manifest = read_manifest(parent_dir)  # ArtifactError names a missing / corrupt parent
-    if manifest.runtime == "onnxruntime":
+    spec = runtime_spec(manifest.runtime)
+    if spec is ONNXRUNTIME:
         meta = read_sidecar(parent_dir)
         if meta.get("precision") != "float32":
             raise ArtifactError(
@@ -145,7 +147,7 @@ def _fp32_source(
             )
         check_onnx(parent_dir / meta["model"], full=meta.get("graph", "standard") == "standard")
         return parent_dir, {"source": "parent ONNX", "graph": meta.get("graph", "standard")}
-    if manifest.runtime == "torch":
+    if spec is TORCH:
         log(f"exporting {parent_dir.name} to fp32 ONNX before quantizing")
         export = export_folder(
             parent_dir, scratch, ExportOnnxParams(optimize=False), tokenizer_dir, blocks, log

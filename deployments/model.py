@@ -7,24 +7,9 @@ itself adds only what Serve needs: methods the ingress calls through handles, he
 live batch settings (`reconfigure`) and per-variant metrics. Client faults come back as data
 (`deployments.messages`), so the ingress can answer 4xx before it starts a stream.
 
-Streamed tokens are coalesced under load. Every event a replica yields crosses two hops
-(replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
-not per token: an event costs the three processes together about as much CPU as the model
-step spends on a whole row, so one event per token would spend most of a small machine on
-moving events (reports/profile_serving.md has the per-process profile). With R requests
-running and `STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every
-ceil(R / F) tokens, so a replica emits about F events per engine step however many streams it
-runs (vLLM's `stream_interval`, scaled with the load): at 16 streams, one event per 8 tokens.
-With R <= F every token is its own event; the first delta always goes at once (time to first
-token is unchanged), the last one (with `finish_reason`) too. The text is the same; only the
-number of SSE frames it arrives in changes. Live via `reconfigure` (`stream_frames_per_step`;
-0 turns coalescing off).
-
-Light load gets a time rule instead: after the first delta, a request's deltas go at most every
-`STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell), so a
-lone stream sends a few tokens per frame instead of paying the hops for every token. The first
-delta and the last still go at once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns
-it off).
+Streamed tokens are coalesced under load (`deployments.events`): a replica sends about
+`stream_frames_per_step` events per engine step, and a lone stream an event at most every
+`stream_min_interval_ms`.
 """
 
 from __future__ import annotations
@@ -34,37 +19,32 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from ray import serve
 
+from deployments import events
+from deployments.events import Event
 from deployments.messages import error
 from deployments.metrics import VariantMetrics
 from slimserve import runtimes
 from slimserve.artifacts import ArtifactError, read_manifest
-from slimserve.engine import Engine, EngineConfig, QueueFullError, RequestStream, StreamChunk
+from slimserve.engine import Engine, EngineConfig, QueueFullError, RequestStream
 from slimserve.sampling import ParameterError, SamplingParams
 from slimserve.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
 
-Event = dict[str, Any]
-
-STREAM_FRAMES_PER_STEP = 2
-"""About how many streamed events a replica sends per engine step (0 = one per token)."""
-STREAM_MIN_INTERVAL_MS = 20.0
-"""A request's deltas after its first go at most this often (0 = no time rule)."""
 NICENESS_ENV = "SLIMSERVE_REPLICA_NICENESS"
 REPLICA_NICENESS = 10
 """How much lower than the proxy's and the ingress's a model replica's CPU priority is (the
 `nice` increment, 0-19; $SLIMSERVE_REPLICA_NICENESS overrides). Only contention makes it
 matter: when the cores are saturated (overload), the kernel serves the request path first,
-so rejections (503), health checks and routing stay quick while the replicas take the rest.
-Measured on 2 cores (Xeon) at 1.5x the sustained rate, 503 p99: 230 ms at 0, 98 ms at 5,
-79 ms at 10, with the same sustained rate (reliability/README.md)."""
+so rejections (503), health checks and routing stay quick while the replicas take the rest
+(reliability/README.md has the overload figures at 0, 5 and 10)."""
 
 
 @serve.deployment(name="model")
@@ -92,8 +72,8 @@ class ModelServer:
             on_step=lambda _: self.metrics.on_step(self.engine.stats),
             on_finish=self._on_finish,
         )
-        self.frames_per_step = STREAM_FRAMES_PER_STEP
-        self.min_interval_s = STREAM_MIN_INTERVAL_MS / 1e3
+        self.frames_per_step = events.STREAM_FRAMES_PER_STEP
+        self.min_interval_s = events.STREAM_MIN_INTERVAL_MS / 1e3
         self._every = (0.0, 1)  # (when, tokens per event): recomputed at most once per ms
         self._open = asyncio.Event()  # admission gate; cleared only by `hold`
         self._open.set()
@@ -112,8 +92,10 @@ class ModelServer:
         The engine reads its config at every step, so a new batch size applies at once.
         """
         config = dict(user_config)
-        self.frames_per_step = int(config.pop("stream_frames_per_step", STREAM_FRAMES_PER_STEP))
-        interval_ms = float(config.pop("stream_min_interval_ms", STREAM_MIN_INTERVAL_MS))
+        self.frames_per_step = int(
+            config.pop("stream_frames_per_step", events.STREAM_FRAMES_PER_STEP)
+        )
+        interval_ms = float(config.pop("stream_min_interval_ms", events.STREAM_MIN_INTERVAL_MS))
         self.min_interval_s = max(0.0, interval_ms) / 1e3
         self.engine.config = EngineConfig(**config)
 
@@ -214,8 +196,10 @@ class ModelServer:
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
             if stream:
-                merged = _merge(streams)
-                async for event in _coalesce(merged, self._tokens_per_event, self.min_interval_s):
+                merged = events.merge(streams)
+                async for event in events.coalesce(
+                    merged, self._tokens_per_event, self.min_interval_s
+                ):
                     yield event
             else:
                 for s in streams:  # they run together in the engine; wait for each to end
@@ -223,14 +207,14 @@ class ModelServer:
                         pass
                 for i, s in enumerate(streams):
                     c = s.completion()
-                    yield _delta(i, c.text, c.token_ids, c.finish_reason)
-            yield {"event": "end", **_summary(streams)}
+                    yield events.delta(i, c.text, c.token_ids, c.finish_reason)
+            yield {"event": "end", **events.summary(streams)}
         finally:
             for s in streams:  # client gone or timed out: free the batch slots now
                 s.cancel()
 
     def _tokens_per_event(self) -> int:
-        """ceil(running / frames_per_step), at least 1 (see the module docstring).
+        """ceil(running / frames_per_step), at least 1 (see `deployments.events`).
 
         Called for every chunk of every stream, so it is cached for a millisecond: counting
         the running requests walks the batch.
@@ -355,107 +339,3 @@ def lower_priority() -> int:
         log.warning("%s=%r is not an integer; using %d", NICENESS_ENV, raw, REPLICA_NICENESS)
         step = REPLICA_NICENESS
     return os.nice(step)
-
-
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamChunk]]:
-    """Chunks of several streams (n > 1 choices) as they come, tagged with their index."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, StreamChunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, s: RequestStream) -> None:
-        try:
-            async for chunk in s:
-                queue.put_nowait((i, chunk))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(streams)
-        while live:
-            i, item = await queue.get()
-            if item is None:
-                live -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _coalesce(
-    chunks: AsyncIterator[tuple[int, StreamChunk]],
-    every: Callable[[], int],
-    min_interval_s: float = 0.0,
-    clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[Event]:
-    """`delta` events from (choice index, chunk) pairs, merging a choice's consecutive chunks
-    until it holds `every()` of them and `min_interval_s` has passed since the last event
-    (see the module docstring).
-
-    The first delta and every delta with a `finish_reason` flush at once (and take every
-    other choice's pending text with them); chunks without text (held back: an incomplete
-    character, a possible stop string) add their token ids to the next delta instead of being
-    dropped. No timer: a request gets a chunk at every engine step.
-    """
-    pending: dict[int, Event] = {}
-    counts: dict[int, int] = {}  # chunks merged into each pending event
-    sent = False
-    last = 0.0  # clock() when the last event went
-    async for index, chunk in chunks:
-        event = pending.get(index)
-        if event is None:
-            event = pending[index] = _delta(index, "", [], None)
-        event["text"] += chunk.text
-        event["token_ids"] += chunk.token_ids
-        event["finish_reason"] = chunk.finish_reason
-        counts[index] = counts.get(index, 0) + 1
-        if (
-            sent
-            and chunk.finish_reason is None
-            and (counts[index] < every() or clock() - last < min_interval_s)
-        ):
-            continue
-        for i in sorted(pending):
-            ready = pending[i]
-            if ready["text"] or ready["finish_reason"] is not None:
-                yield pending.pop(i)
-                counts.pop(i)
-                sent, last = True, clock()
-
-
-def _delta(index: int, text: str, token_ids: list[int], reason: str | None) -> Event:
-    return {
-        "event": "delta",
-        "index": index,
-        "text": text,
-        "token_ids": token_ids,
-        "finish_reason": reason,
-    }
-
-
-def _summary(streams: list[RequestStream]) -> dict[str, Any]:
-    """Usage and server-side timings of finished streams (n choices: the slowest one)."""
-    done = [s.completion() for s in streams]
-    completion_tokens = sum(c.completion_tokens for c in done)
-    e2e = max(c.timings.e2e_s for c in done)
-    return {
-        "usage": {
-            "prompt_tokens": done[0].prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": done[0].prompt_tokens + completion_tokens,
-        },
-        "timings": {
-            "queue_s": min(c.timings.queue_s for c in done),
-            "ttft_s": min(c.timings.ttft_s for c in done),
-            "e2e_s": e2e,
-            "tokens_per_s": completion_tokens / e2e if e2e > 0 else 0.0,
-        },
-    }

@@ -37,8 +37,18 @@ class EngineConfig:
     max_queue: int = 1024
     """Most requests waiting for a batch slot; past it `submit` raises QueueFullError."""
     overlap: bool | None = None
-    """Launch the next model step before turning this step's tokens into text (see engine.py);
-    None = on when the runtime runs on a GPU, off on a CPU."""
+    """Launch the next model step before turning this step's tokens into text; None = on when
+    the runtime runs on a GPU, off on a CPU.
+
+    As soon as a step's tokens are back, the next step is planned and handed to the worker, and
+    only then are the tokens turned into text, so the loop's per-token work (detokenizing, stop
+    strings, streaming) runs while the model does. That pays when the step waits on a device;
+    on a CPU the step's own Python holds the GIL the loop needs (reports/profile_serving.md
+    measured no gain under Serve and a slower lone request). The next step cannot know yet
+    which rows that text work will end: rows ending by `max_tokens` or the context are left
+    out (known from the counts), and a row ending on EOS or a stop string decodes one more
+    token that is thrown away. With a repetition penalty in the batch the next step needs this
+    step's tokens, so the two run in turn."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -34,13 +34,14 @@ def tensorrt_missing() -> str | None:
 
 def missing(requirement: str) -> str | None:
     """One line saying why `requirement` ("none" | "gpu" | "tensorrt") is not met, or None."""
-    if requirement == "none":
-        return None
-    if requirement == "gpu":
-        return None if has_cuda() else "no CUDA GPU on this machine"
-    if requirement == "tensorrt":
-        return tensorrt_missing()
-    raise ValueError(f"unknown hardware requirement {requirement!r}")
+    checks = {
+        "none": lambda: None,
+        "gpu": lambda: None if has_cuda() else "no CUDA GPU on this machine",
+        "tensorrt": tensorrt_missing,
+    }
+    if requirement not in checks:
+        raise ValueError(f"unknown hardware requirement {requirement!r}")
+    return checks[requirement]()
 
 
 def machine() -> dict[str, str | int]:

@@ -102,12 +102,33 @@ def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def prompt_batch(
+    seqs: list[list[int]], context_length: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`left_pad` on `device`; ValueError when the longest prompt exceeds `context_length`."""
+    ids, mask = left_pad(seqs)
+    if ids.shape[1] > context_length:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens exceeds context length {context_length}")
+    return ids.to(device), mask.to(device)
+
+
+def scored_ids(
+    input_ids: torch.Tensor, context_length: int, device: torch.device | str
+) -> torch.Tensor:
+    """`score`'s (B, T) ids as int64 on `device`; ValueError past `context_length`."""
+    length = input_ids.shape[1]
+    if length > context_length:
+        raise ValueError(f"{length} tokens exceed context length {context_length}")
+    return input_ids.to(device, torch.long)
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) that skip left padding: 0 for the first real token of each row."""
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
 
 
-def _pad_left(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+def pad_left(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+    """`t` with `extra` zero columns in front along `dim` (a batch's past grows to the left)."""
     if extra == 0:
         return t
     shape = list(t.shape)
@@ -120,14 +141,14 @@ def merge(a: KVState, b: KVState) -> KVState:
     width = max(a.past_length, b.past_length)
     pa, pb = width - a.past_length, width - b.past_length
     keys = [
-        torch.cat([_pad_left(x, pa, 2), _pad_left(y, pb, 2)])
+        torch.cat([pad_left(x, pa, 2), pad_left(y, pb, 2)])
         for x, y in zip(a.keys, b.keys, strict=True)
     ]
     values = [
-        torch.cat([_pad_left(x, pa, 2), _pad_left(y, pb, 2)])
+        torch.cat([pad_left(x, pa, 2), pad_left(y, pb, 2)])
         for x, y in zip(a.values, b.values, strict=True)
     ]
-    mask = torch.cat([_pad_left(a.mask, pa, 1), _pad_left(b.mask, pb, 1)])
+    mask = torch.cat([pad_left(a.mask, pa, 1), pad_left(b.mask, pb, 1)])
     return KVState(keys, values, mask, torch.cat([a.positions, b.positions]))
 
 

@@ -38,10 +38,11 @@ import torch
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
-    left_pad,
     position_ids_from_mask,
+    prompt_batch,
     resolve_device,
     resolve_threads,
+    scored_ids,
 )
 from slimserve.runtimes.spec import ONNXRUNTIME, onnxruntime_gpu_missing
 
@@ -164,12 +165,7 @@ class OnnxRuntime:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
-        ids, mask = left_pad(seqs)  # (B, T) each
-        if ids.shape[1] > self.info.context_length:
-            raise ValueError(
-                f"prompt of {ids.shape[1]} tokens exceeds context length {self.info.context_length}"
-            )
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = prompt_batch(seqs, self.info.context_length, self.device)  # (B, T) each
         empty = self._empty_past(len(seqs))
         out = self._forward(ids, mask, position_ids_from_mask(mask), empty, empty)
         state = KVState(list(out[1::2]), list(out[2::2]), mask, mask.sum(dim=1))
@@ -192,10 +188,8 @@ class OnnxRuntime:
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device, torch.long)
+        ids = scored_ids(input_ids, self.info.context_length, self.device)
         batch, length = ids.shape
-        if length > self.info.context_length:
-            raise ValueError(f"{length} tokens exceed context length {self.info.context_length}")
         mask = torch.ones_like(ids)
         positions = torch.arange(length, device=self.device).expand(batch, length)
         empty = self._empty_past(batch)

@@ -33,9 +33,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
-    _pad_left,
-    left_pad,
+    pad_left,
     position_ids_from_mask,
+    prompt_batch,
     resolve_device,
     resolve_threads,
 )
@@ -133,12 +133,7 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
-        ids, mask = left_pad(seqs)  # (B, T) each
-        if ids.shape[1] > self.info.context_length:
-            raise ValueError(
-                f"prompt of {ids.shape[1]} tokens exceeds context length {self.info.context_length}"
-            )
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = prompt_batch(seqs, self.info.context_length, self.device)  # (B, T) each
         cache = DynamicCache()
         out = self.model(
             input_ids=ids,
@@ -234,7 +229,7 @@ class TorchRuntime:
         keys = [place(x, y, t) for x, y, t in zip(a.keys, b.keys, arena.keys, strict=True)]
         values = [place(x, y, t) for x, y, t in zip(a.values, b.values, arena.values, strict=True)]
         pa, pb = width - a.past_length, width - b.past_length
-        mask = torch.cat([_pad_left(a.mask, pa, 1), _pad_left(b.mask, pb, 1)])
+        mask = torch.cat([pad_left(a.mask, pa, 1), pad_left(b.mask, pb, 1)])
         return TorchKVState(keys, values, mask, torch.cat([a.positions, b.positions]), arena)
 
     def _arena_like(self, state: KVState, batch: int, past: int) -> _Arena:

@@ -39,7 +39,13 @@ from typing import Any, Protocol
 
 import torch
 
-from slimserve.runtimes.base import KVState, RuntimeInfo, left_pad, position_ids_from_mask
+from slimserve.runtimes.base import (
+    KVState,
+    RuntimeInfo,
+    position_ids_from_mask,
+    prompt_batch,
+    scored_ids,
+)
 from slimserve.runtimes.spec import TENSORRT
 
 PLAN_FILE = TENSORRT.files.weights[0]  # "model.plan"
@@ -272,12 +278,7 @@ class TrtRuntime:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
-        ids, mask = left_pad(seqs)  # (B, T)
-        if ids.shape[1] > self.info.context_length:
-            raise ValueError(
-                f"prompt of {ids.shape[1]} tokens exceeds context length {self.info.context_length}"
-            )
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = prompt_batch(seqs, self.info.context_length, self.device)  # (B, T) each
         batch = ids.shape[0]
         zero = torch.zeros((batch, 1), dtype=mask.dtype, device=self.device)
         full = torch.cat([zero, mask], dim=1)  # (B, 1 + T): the padding column first
@@ -300,10 +301,8 @@ class TrtRuntime:
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device, torch.long)
+        ids = scored_ids(input_ids, self.info.context_length, self.device)
         batch, length = ids.shape
-        if length > self.info.context_length:
-            raise ValueError(f"{length} tokens exceed context length {self.info.context_length}")
         mask = torch.ones((batch, 1 + length), dtype=torch.long, device=self.device)
         mask[:, 0] = 0
         pos = torch.arange(length, device=self.device).expand(batch, length)

@@ -239,11 +239,11 @@ async def _chunks(items):
 
 
 def _coalesced(chunks, every: int, interval_s: float = 0.0, clock=None) -> list[dict]:
-    from deployments.model import _coalesce
+    from deployments.events import coalesce
 
     async def collect() -> list[dict]:
         extra = {"clock": clock} if clock else {}
-        return [e async for e in _coalesce(_chunks(chunks), lambda: every, interval_s, **extra)]
+        return [e async for e in coalesce(_chunks(chunks), lambda: every, interval_s, **extra)]
 
     return asyncio.run(collect())
 
