@@ -306,7 +306,8 @@ class CpuMeter:
     Why: wall-clock figures on a shared 2-core machine move with the neighbours' load, but the
     CPU a hop burns per request or per token does not, so this is how the cost of each hop
     (proxy, ingress, model replica) is measured. Roles come from Ray's process titles
-    (`ray::ProxyActor`, `ray::ServeReplica:<app>:<deployment>`, ...) among this process's
+    (`ray::ProxyActor` and the `haproxy` it runs are both "proxy",
+    `ray::ServeReplica:<app>:<deployment>`, ...) among this process's
     descendants, plus `extra` pids (e.g. the baseline server) and this process ("client").
     """
 
@@ -321,7 +322,8 @@ class CpuMeter:
         if title.startswith("ray::ServeReplica:"):
             return title.rsplit(":", 1)[-1].split(".", 1)[0]
         name = title.removeprefix("ray::").split(".", 1)[0]
-        return {"ProxyActor": "proxy", "ServeController": "controller"}.get(name, "ray other")
+        roles = {"ProxyActor": "proxy", "haproxy": "proxy", "ServeController": "controller"}
+        return roles.get(name, "ray other")
 
     def snapshot(self) -> dict[str, float]:
         import psutil
