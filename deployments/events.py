@@ -1,10 +1,10 @@
 """The events a model replica yields for one job: its streams merged, coalesced and summed up.
 
-Streamed tokens are coalesced under load. Every event a replica yields crosses two hops
-(replica -> ingress -> proxy) before it reaches the client, and each hop costs CPU per event,
-not per token: an event costs the three processes together about as much CPU as the model
-step spends on a whole row, so one event per token would spend most of a small machine on
-moving events (reports/profile_serving.md has the per-process profile). With R requests
+Streamed tokens are coalesced under load. Every event a replica yields crosses a Ray hop to
+the ingress and becomes an SSE frame there (and one more hop when Serve's Python proxy is the
+HTTP front instead of HAProxy); each hop costs CPU per event, not per token, on the order of
+what the model step spends on a whole row, so one event per token would spend most of a small
+machine on moving events (reports/profile_serving.md has the per-process profile). With R requests
 running and `STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every
 ceil(R / F) tokens, so a replica emits about F events per engine step however many streams it
 runs (vLLM's `stream_interval`, scaled with the load): at 16 streams, one event per 8 tokens.

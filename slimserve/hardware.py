@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+from collections.abc import Callable
 from functools import lru_cache
 
 
@@ -34,14 +35,20 @@ def tensorrt_missing() -> str | None:
 
 def missing(requirement: str) -> str | None:
     """One line saying why `requirement` ("none" | "gpu" | "tensorrt") is not met, or None."""
-    checks = {
-        "none": lambda: None,
-        "gpu": lambda: None if has_cuda() else "no CUDA GPU on this machine",
-        "tensorrt": tensorrt_missing,
-    }
-    if requirement not in checks:
+    if requirement not in _CHECKS:
         raise ValueError(f"unknown hardware requirement {requirement!r}")
-    return checks[requirement]()
+    return _CHECKS[requirement]()
+
+
+def _gpu_missing() -> str | None:
+    return None if has_cuda() else "no CUDA GPU on this machine"
+
+
+_CHECKS: dict[str, Callable[[], str | None]] = {
+    "none": lambda: None,
+    "gpu": _gpu_missing,
+    "tensorrt": lambda: tensorrt_missing(),  # looked up per call, as the GPU check is
+}
 
 
 def machine() -> dict[str, str | int]:

@@ -9,6 +9,7 @@ dependency.
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -67,47 +68,13 @@ def import_graph() -> dict[str, set[str]]:
     return {m: imported_modules(m, p, known) for m, p in sources.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Groups of two or more modules that import each other (Tarjan's strongly connected
-    components, iterative so a deep chain cannot hit the recursion limit)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-    for root in graph:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, edges = work[-1]
-            for nxt in edges:
-                if nxt not in index:
-                    index[nxt] = low[nxt] = len(index)
-                    stack.append(nxt)
-                    on_stack.add(nxt)
-                    work.append((nxt, iter(sorted(graph[nxt]))))
-                    break
-                if nxt in on_stack:
-                    low[node] = min(low[node], index[nxt])
-            else:
-                work.pop()
-                if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
-                if low[node] == index[node]:
-                    group = []
-                    while True:
-                        member = stack.pop()
-                        on_stack.discard(member)
-                        group.append(member)
-                        if member == node:
-                            break
-                    if len(group) > 1:
-                        found.append(sorted(group))
-    return found
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One loop of modules importing each other, first module repeated at the end, or None."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        return list(exc.args[1])
+    return None
 
 
 def test_the_core_imports_no_upper_layer():
@@ -122,13 +89,14 @@ def test_the_core_imports_no_upper_layer():
 
 
 def test_no_import_cycle():
-    assert cycles(import_graph()) == []
+    assert find_cycle(import_graph()) is None
 
 
 def test_the_cycle_finder_finds_one():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
-    assert cycles(graph) == [["a", "b", "c"]]
-    assert cycles({"a": {"b"}, "b": set()}) == []
+    cycle = find_cycle(graph)
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_no_long_function_or_file():
