@@ -157,14 +157,15 @@ def race(
     alive: dict[str, Callable[[], bool]] | None = None,
 ) -> Races:
     """label -> (URL, model name): one `run_levels` call per level and label, so the servers
-    take turns level by level even though they serve the model under different names.
+    take turns level by level even though they serve the model under different names; a
+    concurrency's streamed levels follow its non-streamed ones at once (`run_levels`).
 
     A server whose `alive` check fails after one of its levels is left out of the rest.
     """
     out: Races = {label: [] for label in servers}
     gone: set[str] = set()
-    for stream in (False, True):
-        for conc in concurrencies:
+    for conc in concurrencies:
+        for stream in (False, True):
             for label, (url, model) in servers.items():
                 if label in gone:
                     continue

@@ -116,7 +116,11 @@ def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
 def _levels_table(title: str, race: Rows) -> Table:
     title += "" if race else " (not run)"
     columns = ("server", *LEVEL_COLUMNS)
-    rows = [[label] + [r.get(c) for c in LEVEL_COLUMNS] for label, rs in race.items() for r in rs]
+    rows = [
+        [label] + [r.get(c) for c in LEVEL_COLUMNS]
+        for label, rs in race.items()
+        for r in sorted(rs, key=lambda r: (r["stream"], r["concurrency"]))
+    ]
     return Table(title=title, columns=list(columns), rows=rows)
 
 

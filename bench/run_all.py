@@ -109,6 +109,43 @@ def deploy_config(schema: Any) -> None:
     client.deploy_apps(schema)
 
 
+SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+"""Fixed ports Serve binds besides the HTTP port (HAProxy's Prometheus and stats pages, the
+fallback Python proxy): `start_serve` moves each one the YAML leaves unset to a free port, so a
+benchmark or a test can run next to a `serve run` on the same machine."""
+
+
+def local_config(
+    serve_config: str | Path,
+    port: int,
+    *,
+    config: str | Path | None = None,
+    artifacts_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The YAML of `serve_config` as `start_serve` applies it: HTTP on 127.0.0.1:`port`, every
+    side port (SIDE_PORTS) the YAML leaves unset on a free port, and `config` / `artifacts_dir`
+    (when given) as the application's args, resolved."""
+    import yaml
+
+    raw = yaml.safe_load(Path(serve_config).read_text())
+    raw.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
+    runtime_env = raw.setdefault("controller_options", {}).setdefault("runtime_env", {})
+    env = runtime_env.setdefault("env_vars", {})
+    for name in SIDE_PORTS:  # a `serve run` already up on this machine holds the defaults
+        env.setdefault(name, str(free_port()))
+    args = raw["applications"][0].setdefault("args", {})
+    if config is not None:
+        args["config"] = str(Path(config).resolve())
+    if artifacts_dir is not None:
+        args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
+    return raw
+
+
 @contextlib.contextmanager
 def start_serve(
     serve_config: str | Path,
@@ -122,26 +159,21 @@ def start_serve(
     """`serve run serve_config.yaml` in this process, on its own local Ray and a free port.
 
     The YAML is applied the way `serve run` applies it (the controller runs the application
-    builder with the file's `args` and applies its `deployments:` overrides), with only the port
-    changed, and `config` / `artifacts_dir` overriding the args when given. A private Ray
-    (`address="local"`) keeps it apart from any other Ray on the machine; it is shut down after
-    (a Ray this process had already started is used instead, and left running).
+    builder with the file's `args` and applies its `deployments:` overrides), with only the ports
+    changed (the HTTP port and SIDE_PORTS), and `config` / `artifacts_dir` overriding the args
+    when given. A private Ray (`address="local"`) keeps it apart from any other Ray on the
+    machine; it is shut down after (a Ray this process had already started is used instead,
+    and left running).
     Yields the base URL once every variant in `need` (default: the profile's default variant)
     is deployed and the app is RUNNING.
     """
     import ray
-    import yaml
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load(Path(serve_config).read_text())
     port = port or free_port()
-    raw.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
-    args = raw["applications"][0].setdefault("args", {})
-    if config is not None:
-        args["config"] = str(Path(config).resolve())
-    if artifacts_dir is not None:
-        args["artifacts_dir"] = str(Path(artifacts_dir).resolve())
+    raw = local_config(serve_config, port, config=config, artifacts_dir=artifacts_dir)
+    args = raw["applications"][0]["args"]
     if need is None:
         from slimserve.catalogue import load_profile
         from slimserve.cli import DEFAULT_CONFIG

@@ -259,16 +259,18 @@ def run_levels(
     """Every (stream, concurrency) level against every server (label -> base URL), in turns.
 
     The servers take turns level by level (all of one level, then the next), never running
-    together: on a machine whose other load drifts, each pair of figures compared in a ratio
-    is measured minutes apart at most, not a whole phase apart. Each level sends
+    together, and a concurrency's streamed levels follow its non-streamed ones at once: on a
+    machine whose speed drifts, each pair of figures compared in a ratio (two servers at one
+    level, or one server streamed vs not) is measured minutes apart at most, not a whole
+    phase apart. Each level sends
     max(min_requests, requests_per_client × concurrency) requests. `own` names a server's own
     process roles for its `cpu_ms_per_token`; a server not in it owns every role that no other
     server claims, except the client.
     Returns label -> levels (rows: `LevelResult.row()`).
     """
     out: dict[str, list[LevelResult]] = {label: [] for label in servers}
-    for stream in streams:
-        for conc in concurrencies:
+    for conc in concurrencies:
+        for stream in streams:
             n = max(min_requests, requests_per_client * conc)
             for label, url in servers.items():
                 level = asyncio.run(

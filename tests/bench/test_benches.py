@@ -125,8 +125,8 @@ def test_baseline_and_load_generator_smoke(store):
         )["baseline"]
     assert [(lv.stream, lv.concurrency) for lv in levels] == [
         (False, 1),
-        (False, 2),
         (True, 1),
+        (False, 2),
         (True, 2),
     ]
     for lv in levels:

@@ -145,7 +145,9 @@ def test_race_leaves_out_a_server_that_died(monkeypatch):
     plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
     levels = race(servers, plan, (1, 4), PeerMeter({}), {}, {"vllm": lambda: False})
     assert len(levels["slimserve"]) == 4 and len(levels["vllm"]) == 1
-    assert calls[:3] == [("slimserve", False, 1), ("vllm", False, 1), ("slimserve", False, 4)]
+    # each level in turn, and a concurrency's streamed levels right after its non-streamed
+    assert calls[:3] == [("slimserve", False, 1), ("vllm", False, 1), ("slimserve", True, 1)]
+    assert calls[3:] == [("slimserve", False, 4), ("slimserve", True, 4)]
 
 
 def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
