@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.race import serving_report
 from bench.serving import CpuMeter, run_levels
-from slimserve.net import free_port
+from slimserve.net import free_port, port_from
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARTS = {  # `slimserve bench <what>` -> the parts of `make bench` it runs
@@ -109,15 +109,16 @@ def deploy_config(schema: Any) -> None:
     client.deploy_apps(schema)
 
 
-SIDE_PORTS = (
-    "RAY_SERVE_HAPROXY_METRICS_PORT",
-    "RAY_SERVE_HAPROXY_STATS_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-)
+SIDE_PORTS = {
+    "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+    "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
+}
 """Fixed ports Serve binds besides the HTTP port (HAProxy's Prometheus and stats pages, the
-fallback Python proxy): `start_serve` moves each one the YAML leaves unset to a free port, so a
-benchmark or a test can run next to a `serve run` on the same machine."""
+fallback Python proxy), with Ray's defaults: `start_serve` moves each one the YAML leaves unset
+to the first free port from its default up, so a benchmark or a test can run next to a
+`serve run` on the same machine (and keeps the defaults when nothing else holds them)."""
 
 
 def local_config(
@@ -128,7 +129,7 @@ def local_config(
     artifacts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The YAML of `serve_config` as `start_serve` applies it: HTTP on 127.0.0.1:`port`, every
-    side port (SIDE_PORTS) the YAML leaves unset on a free port, and `config` / `artifacts_dir`
+    side port (SIDE_PORTS) the YAML leaves unset on the first free one from its default, and `config` / `artifacts_dir`
     (when given) as the application's args, resolved."""
     import yaml
 
@@ -136,8 +137,8 @@ def local_config(
     raw.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
     runtime_env = raw.setdefault("controller_options", {}).setdefault("runtime_env", {})
     env = runtime_env.setdefault("env_vars", {})
-    for name in SIDE_PORTS:  # a `serve run` already up on this machine holds the defaults
-        env.setdefault(name, str(free_port()))
+    for name, default in SIDE_PORTS.items():  # a `serve run` up here holds the defaults
+        env.setdefault(name, str(port_from(default)))
     args = raw["applications"][0].setdefault("args", {})
     if config is not None:
         args["config"] = str(Path(config).resolve())
