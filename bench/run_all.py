@@ -129,8 +129,8 @@ def local_config(
     artifacts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The YAML of `serve_config` as `start_serve` applies it: HTTP on 127.0.0.1:`port`, every
-    side port (SIDE_PORTS) the YAML leaves unset on the first free one from its default, and `config` / `artifacts_dir`
-    (when given) as the application's args, resolved."""
+    side port (SIDE_PORTS) the YAML leaves unset on the first free one from its default, and
+    `config` / `artifacts_dir` (when given) as the application's args, resolved."""
     import yaml
 
     raw = yaml.safe_load(Path(serve_config).read_text())

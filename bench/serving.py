@@ -256,7 +256,7 @@ def run_levels(
     meter: CpuMeter | None = None,
     own: dict[str, frozenset[str]] | None = None,
 ) -> dict[str, list[LevelResult]]:
-    """Every (stream, concurrency) level against every server (label -> base URL), in turns.
+    """Every (concurrency, stream) level against every server (label -> base URL), in turns.
 
     The servers take turns level by level (all of one level, then the next), never running
     together, and a concurrency's streamed levels follow its non-streamed ones at once: on a
