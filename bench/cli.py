@@ -59,6 +59,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         concurrencies=tuple(args.concurrency or (1, 4, 16)),
         max_tokens=args.max_tokens,
         repeats=args.repeats or 3,
+        report_dir=args.report_dir,
     )
     return result or 0
 

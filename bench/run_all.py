@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.race import serving_report
 from bench.serving import CpuMeter, run_levels
-from slimserve.net import free_port, port_from
+from slimserve.net import free_port, machine_lock, port_from
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARTS = {  # `slimserve bench <what>` -> the parts of `make bench` it runs
@@ -109,6 +109,9 @@ def deploy_config(schema: Any) -> None:
     client.deploy_apps(schema)
 
 
+START_LOCK = "slimserve-serve-start"
+"""The machine-wide lock `start_serve` holds from choosing its ports until Serve has bound them."""
+
 SIDE_PORTS = {
     "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
     "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
@@ -172,15 +175,22 @@ def start_serve(
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    port = port or free_port()
-    raw = local_config(serve_config, port, config=config, artifacts_dir=artifacts_dir)
-    args = raw["applications"][0]["args"]
-    if need is None:
-        from slimserve.catalogue import load_profile
-        from slimserve.cli import DEFAULT_CONFIG
+    # Ports are chosen free, then bound when Serve starts: two starts at once take turns.
+    starting = contextlib.ExitStack()
+    starting.enter_context(machine_lock(START_LOCK))
+    try:
+        port = port or free_port()
+        raw = local_config(serve_config, port, config=config, artifacts_dir=artifacts_dir)
+        args = raw["applications"][0]["args"]
+        if need is None:
+            from slimserve.catalogue import load_profile
+            from slimserve.cli import DEFAULT_CONFIG
 
-        need = (load_profile(args.get("config", DEFAULT_CONFIG)).default_variant,)
-    schema = ServeDeploySchema.model_validate(raw)
+            need = (load_profile(args.get("config", DEFAULT_CONFIG)).default_variant,)
+        schema = ServeDeploySchema.model_validate(raw)
+    except BaseException:
+        starting.close()
+        raise
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray starts its workers (replicas, proxy) at niceness 15, so any other busy process on
     # the machine outranks them; the baseline runs at 0. Same priority for a fair race.
@@ -209,8 +219,10 @@ def start_serve(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{need} not serving after {timeout_s:.0f}s")
             time.sleep(0.5)
+        starting.close()  # every port is bound now
         yield url
     finally:
+        starting.close()
         with contextlib.suppress(Exception):
             serve.shutdown()
         if owns_ray:

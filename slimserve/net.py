@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,3 +35,21 @@ def port_from(start: int, host: str = "0.0.0.0", tries: int = 200) -> int:
                 continue
             return port
     raise OSError(f"no free port in {start}-{start + tries - 1} on {host}")
+
+
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock named `name`, shared by every process on this machine.
+
+    Choosing free ports and binding them are two steps: two servers starting at once would
+    pick the same "free" port. Holding this lock from choosing a server's ports until it has
+    bound them makes such starts take turns. The lock is a `flock` on a file in the temp
+    folder, released when the block ends or the process dies; a second holder waits.
+    """
+    path = Path(tempfile.gettempdir()) / f"{name}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

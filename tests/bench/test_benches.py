@@ -80,6 +80,34 @@ def store(tmp_path_factory) -> tuple[Path, Path]:
     torch.set_num_threads(before)
 
 
+# -- engine (through the CLI) ------------------------------------------------------------------
+
+
+def test_bench_engine_cli_writes_to_report_dir(store, tmp_path, monkeypatch):
+    from slimserve.cli import main as cli_main
+
+    profile_path, root = store
+    monkeypatch.chdir(tmp_path)  # a report written to the default reports/ would land here
+    argv = ["bench", "engine", "--config", str(profile_path), "--artifacts", str(root)]
+    out = tmp_path / "elsewhere"
+    rc = cli_main(
+        [
+            *argv,
+            "--concurrency",
+            "2",
+            "--max-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--report-dir",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert (out / "engine_bench_student.json").is_file()
+    assert not (tmp_path / "reports").exists()
+
+
 # -- variants ---------------------------------------------------------------------------------
 
 
