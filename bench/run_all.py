@@ -175,10 +175,10 @@ def start_serve(
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    # Ports are chosen free, then bound when Serve starts: two starts at once take turns.
-    starting = contextlib.ExitStack()
-    starting.enter_context(machine_lock(START_LOCK))
-    try:
+    # Ports are chosen free, then bound when Serve starts: two starts at once take turns
+    # (the lock is released once the app serves, or on any error).
+    with contextlib.ExitStack() as starting:
+        starting.enter_context(machine_lock(START_LOCK))
         port = port or free_port()
         raw = local_config(serve_config, port, config=config, artifacts_dir=artifacts_dir)
         args = raw["applications"][0]["args"]
@@ -188,45 +188,41 @@ def start_serve(
 
             need = (load_profile(args.get("config", DEFAULT_CONFIG)).default_variant,)
         schema = ServeDeploySchema.model_validate(raw)
-    except BaseException:
-        starting.close()
-        raise
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray starts its workers (replicas, proxy) at niceness 15, so any other busy process on
-    # the machine outranks them; the baseline runs at 0. Same priority for a fair race.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    owns_ray = not ray.is_initialized()  # a test session's Ray is reused, and left running
-    if owns_ray:
-        ray.init(
-            address="local",
-            namespace="serve",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deploy_config(schema)
-        deadline = time.monotonic() + timeout_s
-        name = schema.applications[0].name
-        while True:
-            status = serve.status().applications.get(name)
-            if status is not None and status.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"Serve application failed: {status.message}")
-            running = status is not None and status.status == "RUNNING"
-            if running and set(need) <= set(_models_deployed(url)):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{need} not serving after {timeout_s:.0f}s")
-            time.sleep(0.5)
-        starting.close()  # every port is bound now
-        yield url
-    finally:
-        starting.close()
-        with contextlib.suppress(Exception):
-            serve.shutdown()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray starts its workers (replicas, proxy) at niceness 15, so any other busy process on
+        # the machine outranks them; the baseline runs at 0. Same priority for a fair race.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        owns_ray = not ray.is_initialized()  # a test session's Ray is reused, and left running
         if owns_ray:
-            ray.shutdown()
+            ray.init(
+                address="local",
+                namespace="serve",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deploy_config(schema)
+            deadline = time.monotonic() + timeout_s
+            name = schema.applications[0].name
+            while True:
+                status = serve.status().applications.get(name)
+                if status is not None and status.status == "DEPLOY_FAILED":
+                    raise RuntimeError(f"Serve application failed: {status.message}")
+                running = status is not None and status.status == "RUNNING"
+                if running and set(need) <= set(_models_deployed(url)):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{need} not serving after {timeout_s:.0f}s")
+                time.sleep(0.5)
+            starting.close()  # every port is bound now
+            yield url
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            if owns_ray:
+                ray.shutdown()
 
 
 def _race(plan: BenchPlan, folder: Path, root: Path, out: Path) -> dict[str, list[Any]]:
