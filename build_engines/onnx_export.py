@@ -42,7 +42,7 @@ from torch import nn
 from build_engines.parity import check_parity, decode_ms, prompt_ids
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
-from slimserve.runtimes.onnx_rt import SIDECAR, io_names
+from slimserve.runtimes.onnx_rt import LOGITS_TO_KEEP, SIDECAR, io_names
 from slimserve.runtimes.spec import ONNXRUNTIME
 from slimserve.steps import ExportOnnxParams
 from slimserve.tokenizer import copy_tokenizer_files
@@ -149,6 +149,50 @@ def _tidy(path: Path, names: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+def add_logits_to_keep(path: Path, context_length: int) -> bool:
+    """Let a run ask for the logits of the last N positions only (`LOGITS_TO_KEEP`).
+
+    Prefill needs one row of logits per prompt, yet the LM head over every prompt position was
+    about 40% of a tiny student's prefill. The head's input goes through
+    `Slice(hidden, -N, end, axis 1)`; N is a graph input backed by an initializer equal to the
+    context length, so a run that does not feed it (scoring, decode, TensorRT's parser, which
+    reads such an input as a constant) gets every position, as before. Returns False, leaving
+    the graph alone, when `logits` does not come from a MatMul on the hidden states.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    at, head = next(((i, n) for i, n in enumerate(graph.node) if "logits" in n.output), (0, None))
+    if head is None or head.op_type != "MatMul" or LOGITS_TO_KEEP in {i.name for i in graph.input}:
+        return False
+    consts = {
+        LOGITS_TO_KEEP: [context_length],
+        f"{LOGITS_TO_KEEP}.end": [np.iinfo(np.int64).max],
+        f"{LOGITS_TO_KEEP}.axis": [1],
+    }
+    for name, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    start, kept = f"{LOGITS_TO_KEEP}.start", f"{LOGITS_TO_KEEP}.hidden"
+    nodes = [
+        helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name=f"{LOGITS_TO_KEEP}/neg"),
+        helper.make_node(
+            "Slice",
+            [head.input[0], start, f"{LOGITS_TO_KEEP}.end", f"{LOGITS_TO_KEEP}.axis"],
+            [kept],
+            name=f"{LOGITS_TO_KEEP}/slice",
+        ),
+    ]
+    head.input[0] = kept
+    for node in reversed(nodes):
+        graph.node.insert(at, node)
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "kept"  # min(sequence, logits_to_keep)
+    onnx.save(model, str(path))
+    return True
+
+
 def export_kv_onnx(
     model: nn.Module, path: Path, opset: int = 18, exporter: str = "dynamo"
 ) -> dict[str, Any]:
@@ -171,9 +215,11 @@ def export_kv_onnx(
             _export(wrapper, cfg, args, path, inputs, outputs, opset, exporter)
         finally:
             registration.setLevel(level)
+    sliced = add_logits_to_keep(path, cfg.n_positions)
     return {
         "exporter": exporter,
         "opset": opset,
+        "logits_to_keep": sliced,
         "export_seconds": round(time.time() - start, 2),
         "tied_embedding": "stored once, (E, V)" if wrapper.tied else "untied: lookup and head",
     }

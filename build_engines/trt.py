@@ -144,6 +144,34 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     return {"fp16_onnx": True, "fp32_ops": list(FP32_OPS), "io_types": "float32"}
 
 
+def engine_source(src: Path, work: Path, plan: PrecisionPlan, details: dict[str, Any]) -> Path:
+    """The graph TensorRT parses, written under `work`: `src` with its initializer-backed inputs
+    frozen, then converted to fp16 when the precision plan says so; facts go into `details`."""
+    path = work / "model.trt.onnx"
+    details.update(freeze_initializer_inputs(src, path))
+    if plan.convert_onnx_fp16:
+        fp16 = work / "model.fp16.onnx"
+        details.update(convert_fp16(path, fp16))
+        path = fp16
+    return path
+
+
+def freeze_initializer_inputs(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy the graph with every input that an initializer backs (export-onnx's optional
+    `logits_to_keep`) turned into a plain constant: the engine has one fixed signature, and
+    the default (every position's logits) is what the TensorRT runtime expects."""
+    import onnx
+
+    model = onnx.load(str(src))
+    backed = {i.name for i in model.graph.initializer}
+    frozen = [i.name for i in model.graph.input if i.name in backed]
+    kept = [i for i in model.graph.input if i.name not in backed]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(dst))
+    return {"frozen_inputs": frozen}
+
+
 def dedupe_nodes(graph: Any) -> None:
     """Drop exact duplicates of a node (same op, inputs, outputs, attributes): SSA again."""
     seen, kept = set(), []
@@ -268,10 +296,7 @@ def run(ctx: StepContext) -> StepResult:
     shutil.copyfile(ctx.parent_dir / "config.json", ctx.out_dir / "config.json")
     copy_tokenizer_files(ctx.parent_dir, ctx.out_dir)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp:
-        onnx_path = src
-        if plan.convert_onnx_fp16:
-            onnx_path = Path(tmp) / "model.fp16.onnx"
-            details.update(convert_fp16(src, onnx_path))
+        onnx_path = engine_source(src, Path(tmp), plan, details)
         details.update(
             build_engine(onnx_path, ctx.out_dir / PLAN_FILE, shapes, plan, params.workspace_mb)
         )

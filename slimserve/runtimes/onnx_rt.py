@@ -7,7 +7,10 @@ The graph (written by `build_engines.onnx_export`) is one graph for prefill and 
 * outputs `logits` (B, T, V) float32, `present.{i}.key` / `.value` (B, H, P + T, D) float32.
 
 That is exactly `slimserve.runtimes.base`'s layout, so prefill feeds an empty past and decode
-feeds the state's tensors back. On CPU the numpy views of torch tensors go in and ORT's numpy
+feeds the state's tensors back. A graph from this exporter also takes `logits_to_keep` (int64,
+shape (1,)): logits come only for the last N positions, and N defaults to the context length
+(every position) when not fed. Prefill feeds 1 on CPU (it needs one row per prompt); a graph
+without that input is still served, computing every position's logits. On CPU the numpy views of torch tensors go in and ORT's numpy
 outputs come back wrapped with `torch.from_numpy` (no copies on either side). On CUDA (when
 `onnxruntime-gpu` provides 'CUDAExecutionProvider') inputs and outputs are torch CUDA tensors
 bound with I/O binding: without it, logits and the whole cache would cross PCIe every step.
@@ -47,6 +50,7 @@ from slimserve.runtimes.base import (
 from slimserve.runtimes.spec import ONNXRUNTIME, onnxruntime_gpu_missing
 
 SIDECAR = str(ONNXRUNTIME.files.sidecar)  # "onnx.json": the model file, precision, graph
+LOGITS_TO_KEEP = "logits_to_keep"  # optional graph input: logits of the last N positions only
 THREADS_ENVS = ("SLIMSERVE_ORT_THREADS", "SLIMSERVE_TORCH_THREADS")
 _NP_TYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -92,6 +96,10 @@ class OnnxRuntime:
         self.input_names, self.output_names = io_names(info.num_layers)
         self.io_binding = self.device.type == "cuda"  # CPU: plain `run` on numpy views
         self._dummy = torch.zeros(1, device=self.device)  # an address for empty inputs
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        # Fed on the CPU `run` path only; with I/O binding every position's logits come back.
+        self.keeps_logits = LOGITS_TO_KEEP in overridable and not self.io_binding
+        self._keep_last = {LOGITS_TO_KEEP: np.array([1], dtype=np.int64)}
         missing = set(self.input_names) - {i.name for i in session.get_inputs()}
         if missing:
             raise ValueError(f"ONNX graph lacks the KV-cache inputs {sorted(missing)}")
@@ -105,8 +113,11 @@ class OnnxRuntime:
         positions: torch.Tensor,  # (B, T) int64
         keys: list[torch.Tensor],  # per layer (B, H, P, D)
         values: list[torch.Tensor],
+        last_only: bool = False,
     ) -> list[torch.Tensor]:
-        """[logits (B, T, V), present.0.key, present.0.value, ...] as torch tensors."""
+        """[logits (B, T, V), present.0.key, present.0.value, ...] as torch tensors.
+
+        `last_only`: the graph may return logits (B, 1, V) for the last position only."""
         past: list[torch.Tensor] = []
         for k, v in zip(keys, values, strict=True):
             past += [k, v]
@@ -116,6 +127,8 @@ class OnnxRuntime:
         feeds = {
             name: t.contiguous().numpy() for name, t in zip(self.input_names, inputs, strict=True)
         }
+        if last_only and self.keeps_logits:
+            feeds.update(self._keep_last)
         return [torch.from_numpy(a) for a in self.session.run(self.output_names, feeds)]
 
     def _forward_bound(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -167,7 +180,7 @@ class OnnxRuntime:
     def prefill(self, seqs: list[list[int]]) -> tuple[torch.Tensor, KVState]:
         ids, mask = prompt_batch(seqs, self.info.context_length, self.device)  # (B, T) each
         empty = self._empty_past(len(seqs))
-        out = self._forward(ids, mask, position_ids_from_mask(mask), empty, empty)
+        out = self._forward(ids, mask, position_ids_from_mask(mask), empty, empty, last_only=True)
         state = KVState(list(out[1::2]), list(out[2::2]), mask, mask.sum(dim=1))
         return out[0][:, -1], state  # left padding: every row's last real token is column -1
 

@@ -135,7 +135,7 @@ def test_graph_has_kv_cache_io_dynamic_axes_and_opset(exported):
     assert ins["input_ids"] == ["batch", "sequence"]
     assert ins["attention_mask"] == ["batch", "total"]
     assert ins["past_key_values.1.value"] == ["batch", 2, "past", 16]
-    assert outs["logits"][:2] == ["batch", "sequence"]
+    assert outs["logits"][:2] == ["batch", "kept"]  # min(sequence, logits_to_keep)
     assert outs["present.0.key"] == ["batch", 2, "total", 16]
     assert json.loads((out / "onnx.json").read_text())["precision"] == "float32"
 
@@ -192,6 +192,46 @@ def test_empty_past_and_padded_rows_in_onnxruntime(exported):
     batch, alone = feeds_for
     assert batch[1].shape == (2, 2, 4, 16)  # present = empty past + 4 new columns
     assert np.abs(batch[0][1, -1] - alone[0][0, -1]).max() < 1e-5
+
+
+def test_logits_to_keep_limits_the_head_to_the_last_positions(exported, tmp_path):
+    """Unfed, every position's logits (scoring, TensorRT); fed N, the last N only, the same
+    values; the runtime's prefill feeds 1; TensorRT's copy has it frozen to the default."""
+    from build_engines.trt import freeze_initializer_inputs
+    from slimserve.runtimes import onnx_rt
+
+    out, result = exported
+    assert result.details["logits_to_keep"] is True
+    sess = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    feeds = {
+        "input_ids": np.array([[5, 6, 7, 8], [9, 10, 11, 12]]),
+        "attention_mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]]),
+        "position_ids": np.array([[0, 1, 2, 3], [0, 0, 1, 2]]),
+    }
+    for i in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, 16), np.float32)
+    full = sess.run(None, feeds)
+    assert full[0].shape[:2] == (2, 4)
+    for n in (1, 3):
+        kept = sess.run(None, {**feeds, "logits_to_keep": np.array([n])})
+        assert kept[0].shape[:2] == (2, n)
+        np.testing.assert_array_equal(kept[0], full[0][:, -n:])
+        np.testing.assert_array_equal(kept[1], full[1])  # the cache is unchanged
+    runtime = onnx_rt.load(out, device="cpu", threads=1)
+    assert runtime.keeps_logits
+    logits, _ = runtime.prefill([[5, 6, 7, 8], [10, 11, 12]])
+    np.testing.assert_allclose(logits.numpy(), full[0][:, -1], atol=1e-5)
+
+    frozen = tmp_path / "model.trt.onnx"
+    assert freeze_initializer_inputs(out / MODEL_FILE, frozen) == {
+        "frozen_inputs": ["logits_to_keep"]
+    }
+    check_onnx(frozen)
+    plain = ort.InferenceSession(str(frozen), providers=["CPUExecutionProvider"])
+    assert not plain.get_overridable_initializers()
+    np.testing.assert_array_equal(plain.run(None, feeds)[0], full[0])
 
 
 class _Skewed:

@@ -420,7 +420,8 @@ def test_build_step_drives_the_builder_api(version, models, fake_trt, tmp_path, 
     network_flags = next(c[1] for c in calls if c[0] == "network")
     if version.startswith("10"):
         assert ("flag", "FP16") in calls and network_flags == 0
-        assert parsed == models.onnx_dir / MODEL_FILE
+        assert parsed.name == "model.trt.onnx"  # logits_to_keep frozen: one fixed signature
+        assert result.details["frozen_inputs"] == ["logits_to_keep"]
     else:  # strongly typed: no precision flag, an fp16 ONNX graph parsed instead
         assert not any(c[0] == "flag" for c in calls) and network_flags == 1 << 1
         assert parsed.name == "model.fp16.onnx" and result.details["fp16_onnx"]

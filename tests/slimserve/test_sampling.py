@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimserve.sampling import ParameterError, SamplingParams, sample
+from slimserve.sampling import ParameterError, SamplingParams, argmax_rows, sample
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -178,3 +178,15 @@ def test_protocol_and_engine_share_the_sampling_bounds():
             SamplingParams(**{name: bad})
         with pytest.raises(ValidationError, match=name):
             CompletionRequest(model="m", prompt="p", **{name: bad})
+
+
+def test_argmax_rows_matches_torch_first_maximum_and_dtypes():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 1, 300, generator=gen)[:, -1]  # a strided view, as decode returns
+    logits[3, [7, 200]] = 50.0  # a tie: the first index wins, as with torch
+    logits[5, :] = 0.0
+    got = argmax_rows(logits)
+    assert got.dtype == torch.int64 and got.shape == (16,)
+    assert torch.equal(got, logits.argmax(dim=-1)) and got[3] == 7 and got[5] == 0
+    half = logits.half()  # other dtypes go to torch unchanged
+    assert torch.equal(argmax_rows(half), half.argmax(dim=-1))
