@@ -155,7 +155,8 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return logits.argmax(dim=-1)
-    return torch.from_numpy(np.ascontiguousarray(logits.numpy()).argmax(axis=-1).astype(np.int64))
+    rows = np.ascontiguousarray(logits.detach().numpy())
+    return torch.from_numpy(rows.argmax(axis=-1).astype(np.int64))
 
 
 def sample(

@@ -10,10 +10,12 @@ That is exactly `slimserve.runtimes.base`'s layout, so prefill feeds an empty pa
 feeds the state's tensors back. A graph from this exporter also takes `logits_to_keep` (int64,
 shape (1,)): logits come only for the last N positions, and N defaults to the context length
 (every position) when not fed. Prefill feeds 1 on CPU (it needs one row per prompt); a graph
-without that input is still served, computing every position's logits. On CPU the numpy views of torch tensors go in and ORT's numpy
-outputs come back wrapped with `torch.from_numpy` (no copies on either side). On CUDA (when
-`onnxruntime-gpu` provides 'CUDAExecutionProvider') inputs and outputs are torch CUDA tensors
-bound with I/O binding: without it, logits and the whole cache would cross PCIe every step.
+without that input is still served, computing every position's logits.
+
+On CPU the numpy views of torch tensors go in and ORT's numpy outputs come back wrapped with
+`torch.from_numpy` (no copies on either side). On CUDA (when `onnxruntime-gpu` provides
+'CUDAExecutionProvider') inputs and outputs are torch CUDA tensors bound with I/O binding:
+without it, logits and the whole cache would cross PCIe every step.
 
 CUDA details that fail silently otherwise:
 * ORT computes on a torch stream of its own (`user_compute_stream`), which waits for torch's
