@@ -116,7 +116,7 @@ def build(folder: Path, out: Path, precision: str, params: Any) -> dict[str, Any
     shapes = build_trt.profile_shapes(params, cfg)
     plan = build_trt.precision_plan(trt.__version__, precision)
     out.mkdir(parents=True)
-    source = build_trt.engine_source(folder / "model.onnx", out, plan, {})
+    source, _ = build_trt.engine_source(folder / "model.onnx", out, plan)
     built = build_trt.build_engine(source, out / trt_rt.PLAN_FILE, shapes, plan, 1024)
     shutil.copyfile(folder / "config.json", out / "config.json")
     limits = {k: getattr(params, k).model_dump() for k in ("batch", "sequence", "past")}

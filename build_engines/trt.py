@@ -144,16 +144,16 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     return {"fp16_onnx": True, "fp32_ops": list(FP32_OPS), "io_types": "float32"}
 
 
-def engine_source(src: Path, work: Path, plan: PrecisionPlan, details: dict[str, Any]) -> Path:
-    """The graph TensorRT parses, written under `work`: `src` with its initializer-backed inputs
-    frozen, then converted to fp16 when the precision plan says so; facts go into `details`."""
+def engine_source(src: Path, work: Path, plan: PrecisionPlan) -> tuple[Path, dict[str, Any]]:
+    """The graph TensorRT parses, written under `work`, and what was done to it: `src` with its
+    initializer-backed inputs frozen, then converted to fp16 when the precision plan says so."""
     path = work / "model.trt.onnx"
-    details.update(freeze_initializer_inputs(src, path))
+    facts = freeze_initializer_inputs(src, path)
     if plan.convert_onnx_fp16:
         fp16 = work / "model.fp16.onnx"
-        details.update(convert_fp16(path, fp16))
+        facts.update(convert_fp16(path, fp16))
         path = fp16
-    return path
+    return path, facts
 
 
 def freeze_initializer_inputs(src: Path, dst: Path) -> dict[str, Any]:
@@ -296,7 +296,8 @@ def run(ctx: StepContext) -> StepResult:
     shutil.copyfile(ctx.parent_dir / "config.json", ctx.out_dir / "config.json")
     copy_tokenizer_files(ctx.parent_dir, ctx.out_dir)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp:
-        onnx_path = engine_source(src, Path(tmp), plan, details)
+        onnx_path, facts = engine_source(src, Path(tmp), plan)
+        details.update(facts)
         details.update(
             build_engine(onnx_path, ctx.out_dir / PLAN_FILE, shapes, plan, params.workspace_mb)
         )
