@@ -39,10 +39,11 @@ import onnx
 import torch
 from torch import nn
 
+from build_engines.onnx_append import APPEND_FILE, AppendKVLM
 from build_engines.parity import check_parity, decode_ms, prompt_ids
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
-from slimserve.runtimes.onnx_rt import LOGITS_TO_KEEP, SIDECAR, io_names
+from slimserve.runtimes.onnx_rt import LOGITS_TO_KEEP, SIDECAR, append_output_names, io_names
 from slimserve.runtimes.spec import ONNXRUNTIME
 from slimserve.steps import ExportOnnxParams
 from slimserve.tokenizer import copy_tokenizer_files
@@ -198,11 +199,34 @@ def export_kv_onnx(
 ) -> dict[str, Any]:
     """Export `model` (a GPT-2 LM head model) with the KV cache to `path`; return facts."""
     wrapper = KVCacheLM(model).eval()
-    assert not any(m.training for m in wrapper.modules()), "export needs eval mode (dropout off)"
     cfg = model.config
     inputs, outputs = io_names(cfg.n_layer)
-    args = _example(cfg)
     start = time.time()
+    _quiet_export(wrapper, cfg, path, inputs, outputs, opset, exporter)
+    sliced = add_logits_to_keep(path, cfg.n_positions)
+    return {
+        "exporter": exporter,
+        "opset": opset,
+        "logits_to_keep": sliced,
+        "export_seconds": round(time.time() - start, 2),
+        "tied_embedding": "stored once, (E, V)" if wrapper.tied else "untied: lookup and head",
+    }
+
+
+def export_append_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
+    """Export `model`'s append graph (build_engines.onnx_append) to `path`, with the
+    `logits_to_keep` input; ValueError when the model is not a plain GPT-2."""
+    wrapper = AppendKVLM(model).eval()
+    cfg = model.config
+    inputs, _ = io_names(cfg.n_layer)
+    outputs = append_output_names(cfg.n_layer)
+    _quiet_export(wrapper, cfg, path, inputs, outputs, opset, "dynamo")
+    add_logits_to_keep(path, cfg.n_positions)
+
+
+def _quiet_export(wrapper: nn.Module, cfg: Any, path: Path, inputs, outputs, opset, exporter):
+    """`_export` without the exporter's noise (torchvision notes, axis renames, deprecations)."""
+    assert not any(m.training for m in wrapper.modules()), "export needs eval mode (dropout off)"
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
@@ -212,17 +236,9 @@ def export_kv_onnx(
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
-            _export(wrapper, cfg, args, path, inputs, outputs, opset, exporter)
+            _export(wrapper, cfg, _example(cfg), path, inputs, outputs, opset, exporter)
         finally:
             registration.setLevel(level)
-    sliced = add_logits_to_keep(path, cfg.n_positions)
-    return {
-        "exporter": exporter,
-        "opset": opset,
-        "logits_to_keep": sliced,
-        "export_seconds": round(time.time() - start, 2),
-        "tied_embedding": "stored once, (E, V)" if wrapper.tied else "untied: lookup and head",
-    }
 
 
 def _export(wrapper, cfg, args, path: Path, inputs, outputs, opset: int, exporter: str) -> None:
@@ -390,6 +406,9 @@ def export_folder(
         details["optimize"].update(_try_optimize(out_dir, cfg, ref, args, log))
         details["onnx_bytes"] = path.stat().st_size  # the graph kept
         details["file_ratio"] = round(path.stat().st_size / st_bytes, 4) if st_bytes else None
+    details["append"] = {"requested": params.append_graph, "kept": False}
+    if params.append_graph:
+        details["append"].update(_try_append(out_dir, ref, args, params.opset, log))
     details.update(params_total=weights["params_total"], params_nonzero=weights["params_nonzero"])
     return details
 
@@ -420,6 +439,28 @@ def _try_optimize(out_dir: Path, cfg: Any, ref, args: tuple, log) -> dict[str, A
     write_sidecar(out_dir, {"model": MODEL_FILE, "precision": "float32", "graph": "ort-gpt2-fused"})
     log(f"ORT GPT-2 fusion kept: {fused_ms:.3f} ms vs {plain_ms:.3f} ms plain")
     return {**result, "kept": True, "parity": parity}
+
+
+def _try_append(out_dir: Path, ref, args: tuple, opset: int, log) -> dict[str, Any]:
+    """Write the append graph next to the standard one and name it in the sidecar, if it
+    passes the checker and the same parity check; otherwise leave the folder as it was."""
+    from build_engines.parity import ParityError
+    from slimserve.runtimes import onnx_rt
+
+    path = out_dir / APPEND_FILE
+    meta = onnx_rt.read_sidecar(out_dir)
+    try:
+        export_append_onnx(ref.model, path, opset)
+        check_onnx(path)
+        write_sidecar(out_dir, {**meta, "append": APPEND_FILE})
+        parity = check_parity(ref, onnx_rt.load(out_dir, device="cpu"), *args)
+    except (ParityError, OnnxCheckError, RuntimeError, ValueError) as exc:
+        write_sidecar(out_dir, meta)
+        path.unlink(missing_ok=True)
+        log(f"append graph not kept: {exc}")
+        return {"reason": str(exc)}
+    log(f"append graph kept: max |logit diff| {parity['max_abs_logit_diff']:.2e}")
+    return {"kept": True, "file": APPEND_FILE, "onnx_bytes": path.stat().st_size, "parity": parity}
 
 
 def run(ctx: StepContext) -> StepResult:

@@ -113,6 +113,11 @@ class PruneStructuredParams(Params):
 class ExportOnnxParams(Params):
     opset: int = Field(18, ge=18, le=25, description="ONNX opset (>= 18)")
     optimize: bool = Field(True, description="ONNX Runtime GPT-2 graph fusion")
+    append_graph: bool = Field(
+        True,
+        description="also write the CPU decode graph that appends to a preallocated KV cache "
+        "(model.append.onnx; the standard graph copies the whole cache every step)",
+    )
     logit_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| vs PyTorch")
     parity_steps: int = Field(32, ge=1, le=1024, description="greedy steps compared")
 

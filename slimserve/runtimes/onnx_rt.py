@@ -7,7 +7,14 @@ The graph (written by `build_engines.onnx_export`) is one graph for prefill and 
 * outputs `logits` (B, T, V) float32, `present.{i}.key` / `.value` (B, H, P + T, D) float32.
 
 That is exactly `slimserve.runtimes.base`'s layout, so prefill feeds an empty past and decode
-feeds the state's tensors back. A graph from this exporter also takes `logits_to_keep` (int64,
+feeds the state's tensors back.
+
+On CPU, when the sidecar names an append graph (`"append"`, written by
+`build_engines.onnx_append`), that graph is loaded instead: it takes the past as the whole
+preallocated buffer of an arena (`slimserve.runtimes.arena`, (B, H, C, D), masked past the
+real columns) and returns only the new columns `new.{i}.key` / `.value` (B, H, T, D), which
+decode writes into the arena in place; the standard graph copies the whole cache per step
+(~25 % of a batch-16 step of the tiny student). Select and merge then build arenas too. A graph from this exporter also takes `logits_to_keep` (int64,
 shape (1,)): logits come only for the last N positions, and N defaults to the context length
 (every position) when not fed. Prefill feeds 1 on CPU (it needs one row per prompt); a graph
 without that input is still served, computing every position's logits.
@@ -40,6 +47,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from slimserve.runtimes.arena import ArenaKVState, Arenas
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
@@ -62,6 +70,12 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def append_output_names(num_layers: int) -> list[str]:
+    """The append graph's outputs: logits, then each layer's new key and value columns."""
+    new = [f"new.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["logits", *new]
 
 
 def read_model_config(folder: Path) -> dict[str, int]:
@@ -90,12 +104,24 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
 class OnnxRuntime:
     """An ORT session behind the `Runtime` protocol (see base.py for shapes)."""
 
-    def __init__(self, session: ort.InferenceSession, info: RuntimeInfo, stream: Any = None):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        info: RuntimeInfo,
+        stream: Any = None,
+        append: bool = False,
+    ):
         self.session = session
         self.info = info
         self.device = torch.device(info.device)
         self.stream = stream  # ORT's CUDA compute stream (a torch.cuda.Stream), None on CPU
         self.input_names, self.output_names = io_names(info.num_layers)
+        self.append = append  # the append graph (CPU): the cache lives in arenas
+        if append:
+            self.output_names = append_output_names(info.num_layers)
+            arenas = Arenas(info.context_length, zeroed=True)  # the graph reads every column
+            self._arenas = arenas
+            self.select, self.merge = arenas.select, arenas.merge
         self.io_binding = self.device.type == "cuda"  # CPU: plain `run` on numpy views
         self._dummy = torch.zeros(1, device=self.device)  # an address for empty inputs
         overridable = {i.name for i in session.get_overridable_initializers()}
@@ -197,8 +223,31 @@ class OnnxRuntime:
         ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
         mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
         ids = tokens.to(self.device, torch.long).view(batch, 1)
+        if self.append:
+            return self._decode_append(ids, mask, state)
         out = self._forward(ids, mask, state.positions.view(batch, 1), state.keys, state.values)
         new_state = KVState(list(out[1::2]), list(out[2::2]), mask, state.positions + 1)
+        return out[0][:, -1], new_state
+
+    def _decode_append(
+        self, ids: torch.Tensor, mask: torch.Tensor, state: KVState
+    ) -> tuple[torch.Tensor, ArenaKVState]:
+        """Decode on the append graph: the arena's whole buffers go in, the new column is
+        written at index P. `mask` (B, P + 1) is the grown state's."""
+        batch, past = state.batch_size, state.past_length
+        arena = self._arenas.writable(state)
+        capacity = arena.capacity
+        fed = torch.zeros((batch, capacity + 1), dtype=mask.dtype)  # columns past P: masked
+        fed[:, :past] = state.mask
+        fed[:, capacity] = 1  # the new token, which the graph puts after the buffer
+        positions = state.positions.view(batch, 1)
+        out = self._forward(ids, fed, positions, arena.keys, arena.values)
+        for buf, new in zip([*arena.keys, *arena.values], [*out[1::2], *out[2::2]], strict=True):
+            buf[:, :, past] = new[:, :, 0]
+        arena.length = past + 1
+        keys = [k[:, :, : past + 1] for k in arena.keys]
+        values = [v[:, :, : past + 1] for v in arena.values]
+        new_state = ArenaKVState(keys, values, mask, state.positions + 1, arena)
         return out[0][:, -1], new_state
 
     @torch.inference_mode()
@@ -262,11 +311,14 @@ def load(
     folder = Path(folder)
     cfg = read_model_config(folder)
     meta = read_sidecar(folder)
-    path = folder / meta["model"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {meta['model']}")
     n_threads = resolve_threads(threads, THREADS_ENVS)
     dev = str(resolve_device(device, onnxruntime_gpu_missing(ort)))
+    # The append graph serves CPU only: the CUDA path binds the standard graph's outputs.
+    append = dev == "cpu" and bool(meta.get("append"))
+    name = meta["append"] if append else meta["model"]
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {name}")
     stream = None
     if dev == "cpu":
         providers: list[Any] = ["CPUExecutionProvider"]
@@ -287,10 +339,10 @@ def load(
         head_dim=cfg["n_embd"] // cfg["n_head"],
         threads=n_threads,
         extra={
-            "file": meta["model"],
+            "file": name,
             "providers": ",".join(session.get_providers()),
-            "graph": str(meta.get("graph", "standard")),
+            "graph": "append" if append else str(meta.get("graph", "standard")),
             "folder": str(folder),
         },
     )
-    return OnnxRuntime(session, info, stream)
+    return OnnxRuntime(session, info, stream, append)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from build_engines.onnx_append import APPEND_FILE, AppendKVLM
 from build_engines.onnx_export import MODEL_FILE, OnnxCheckError, check_onnx, export_folder, run
 from build_engines.parity import ParityError, check_parity, prompt_ids
 from slimserve.artifacts import ArtifactError, Manifest, read_manifest, write_manifest
@@ -317,3 +318,91 @@ def test_missing_and_corrupt_parents_raise_one_clear_error(parent, tmp_path):
     write_manifest(onnx_parent, m)
     with pytest.raises(ArtifactError, match="needs a PyTorch parent"):
         export_folder(onnx_parent, tmp_path / "o4", params)
+
+
+def test_append_graph_written_checked_and_named_in_the_sidecar(exported):
+    out, result = exported
+    append = result.details["append"]
+    assert append["requested"] and append["kept"] and append["parity"]["passed"]
+    assert append["parity"]["max_abs_logit_diff"] < 1e-4
+    meta = json.loads((out / "onnx.json").read_text())
+    assert meta["append"] == APPEND_FILE and meta["model"] == MODEL_FILE
+    model = onnx.load(str(out / APPEND_FILE))
+    check_onnx(out / APPEND_FILE)
+    ins = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in model.graph.input
+    }
+    outs = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in model.graph.output
+    }
+    assert ins["past_key_values.0.key"] == ["batch", 2, "past", 16] and "logits_to_keep" in ins
+    # only the new columns come out: (B, H, T, D), not the grown cache
+    assert outs["new.1.value"] == ["batch", 2, "sequence", 16]
+    assert "present.0.key" not in outs and outs["logits"][:2] == ["batch", "kept"]
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    tables = [i for i in model.graph.initializer if vocab in i.dims]
+    assert len(tables) == 1  # the tied embedding is stored once here too
+
+
+def test_append_graph_attends_over_masked_buffer_like_the_standard_graph(exported):
+    """Decode on a zero-padded buffer (C > P) equals the standard graph on the P columns."""
+    out, _ = exported
+    std = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    app = ort.InferenceSession(str(out / APPEND_FILE), providers=["CPUExecutionProvider"])
+    names = [i.name for i in std.get_inputs() if i.name != "logits_to_keep"]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 300, (2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0  # left padding
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None) * mask
+    empty = {n: np.zeros((2, 2, 0, 16), np.float32) for n in names[3:]}
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty}
+    s, a = std.run(None, feeds), app.run(None, feeds)
+    assert np.abs(s[0] - a[0])[mask.astype(bool)].max() < 1e-4  # prefill: same logits
+    assert all(np.abs(x - y).max() < 1e-5 for x, y in zip(s[1:], a[1:], strict=True))
+    cap = 10
+    buffers = []
+    for cache in a[1:]:
+        buf = np.zeros((2, 2, cap, 16), np.float32)
+        buf[:, :, :6] = cache
+        buffers.append(buf)
+    tok, pos = np.array([[7], [9]]), mask.sum(1, keepdims=True)
+    fed = np.zeros((2, cap + 1), np.int64)
+    fed[:, :6], fed[:, cap] = mask, 1
+    a = app.run(
+        None,
+        {
+            **dict(zip(names[3:], buffers, strict=True)),
+            "input_ids": tok,
+            "attention_mask": fed,
+            "position_ids": pos,
+        },
+    )
+    grown = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    s = std.run(
+        None,
+        {
+            **dict(zip(names[3:], s[1:], strict=True)),
+            "input_ids": tok,
+            "attention_mask": grown,
+            "position_ids": pos,
+        },
+    )
+    assert np.abs(s[0] - a[0]).max() < 1e-4
+    assert all(np.abs(x[:, :, -1:] - y).max() < 1e-5 for x, y in zip(s[1:], a[1:], strict=True))
+
+
+def test_append_graph_can_be_turned_off_and_needs_a_plain_gpt2(parent, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "no-append"
+    result = run(fake_ctx(parent, out, ExportOnnxParams(optimize=False, append_graph=False)))
+    assert result.details["append"] == {"requested": False, "kept": False}
+    assert not (out / APPEND_FILE).exists()
+    assert "append" not in json.loads((out / "onnx.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(parent)
+    model.config.reorder_and_upcast_attn = True  # an attention variant the graph does not cover
+    with pytest.raises(ValueError, match="plain GPT-2"):
+        AppendKVLM(model)

@@ -1,17 +1,28 @@
-"""The ONNX Runtime runtime against the torch runtime on the same tiny GPT-2 (CPU, fp32)."""
+"""The ONNX Runtime runtime against the torch runtime on the same tiny GPT-2 (CPU, fp32), on the
+standard graph and on the append graph (KV cache in arenas)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from build_engines.onnx_export import export_kv_onnx, load_parent_model, prepare_folder
+from build_engines.onnx_append import APPEND_FILE
+from build_engines.onnx_export import (
+    export_append_onnx,
+    export_kv_onnx,
+    load_parent_model,
+    prepare_folder,
+)
 from slimserve.artifacts import Manifest, write_manifest
 from slimserve.runtimes import load
-from slimserve.runtimes.base import Runtime, merge, select
+from slimserve.runtimes.arena import GROW_MIN, ArenaKVState
+from slimserve.runtimes.base import Runtime
+from slimserve.runtimes.base import merge as base_merge
+from slimserve.runtimes.base import select as base_select
 from slimserve.runtimes.onnx_rt import SIDECAR, OnnxRuntime
 
 TOL = 1e-4  # fp32 on both sides: only summation order differs
@@ -40,8 +51,27 @@ def onnx_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ort_rt(onnx_dir):
-    return load(onnx_dir, device="cpu", threads=1)
+def append_dir(onnx_dir: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The same folder plus the append graph, named in the sidecar."""
+    out = tmp_path_factory.mktemp("tiny-onnx-append")
+    shutil.copytree(onnx_dir, out, dirs_exist_ok=True)
+    export_append_onnx(load_parent_model(tiny_model_dir), out / APPEND_FILE)
+    meta = json.loads((out / SIDECAR).read_text())
+    (out / SIDECAR).write_text(json.dumps({**meta, "append": APPEND_FILE}))
+    return out
+
+
+@pytest.fixture(scope="module", params=["standard", "append"])
+def ort_rt(request, onnx_dir, append_dir):
+    rt = load(append_dir if request.param == "append" else onnx_dir, device="cpu", threads=1)
+    assert rt.append == (request.param == "append")
+    assert rt.info.extra["graph"] == request.param
+    return rt
+
+
+@pytest.fixture(scope="module")
+def append_rt(append_dir):
+    return load(append_dir, device="cpu", threads=1)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,6 +139,8 @@ def test_left_padded_batch_matches_torch(ort_rt, tiny_runtime):
 
 
 def test_merge_and_select_through_base_helpers(ort_rt, tiny_runtime):
+    merge = getattr(ort_rt, "merge", base_merge)  # as the engine picks them
+    select = getattr(ort_rt, "select", base_select)
     _, s1 = ort_rt.prefill([[1, 2, 3, 4, 5, 6]])
     _, s2 = ort_rt.prefill([[7, 8], [9, 10, 11]])
     _, s1 = ort_rt.decode(torch.tensor([12]), s1)
@@ -184,3 +216,34 @@ def test_io_binding_path_matches_plain_run(onnx_dir):
         assert close(a_logits, b_logits) == 0.0 and close(a.values[1], b.values[1]) == 0.0
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert close(plain.score(ids), bound.score(ids)) == 0.0
+
+
+def test_append_decode_writes_in_place_and_regrows_when_full(append_rt, tiny_runtime):
+    """Decode appends into the arena (no copy) until it is full, then moves to a roomier one;
+    logits track the torch runtime all the way, and unused columns stay zero."""
+    seq = [5, 17, 42, 99, 3]
+    _, a = append_rt.prefill([seq])
+    _, b = tiny_runtime.prefill([seq])
+    arenas = []
+    for step in range(GROW_MIN + 4):  # past the first arena's capacity (5 + GROW_MIN)
+        tok = torch.tensor([(step * 37) % 200 + 1])
+        a_logits, a = append_rt.decode(tok, a)
+        b_logits, b = tiny_runtime.decode(tok, b)
+        assert close(a_logits, b_logits) < TOL
+        assert isinstance(a, ArenaKVState) and a.arena is not None
+        if not arenas or arenas[-1] is not a.arena:
+            arenas.append(a.arena)
+        spare = a.arena.keys[0][:, :, a.past_length :]
+        assert a.arena.length == a.past_length and not spare.any()
+    assert len(arenas) == 2 and arenas[0].capacity == len(seq) + GROW_MIN
+    assert close(a.keys[1], b.keys[1]) < TOL and close(a.values[0], b.values[0]) < TOL
+
+
+def test_append_decode_from_an_older_state_stays_correct(append_rt):
+    """Two decodes from one state (the second finds the arena moved on) give the same result."""
+    _, s = append_rt.prefill([[1, 2, 3], [4, 5, 6, 7]])
+    _, s = append_rt.decode(torch.tensor([8, 9]), s)
+    first, newer = append_rt.decode(torch.tensor([10, 11]), s)
+    again, other = append_rt.decode(torch.tensor([10, 11]), s)  # s is no longer the newest
+    assert close(first, again) == 0.0 and other.arena is not newer.arena
+    assert close(newer.keys[0], other.keys[0]) == 0.0
