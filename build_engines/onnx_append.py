@@ -11,23 +11,39 @@ runtime writes into its buffer (`slimserve.runtimes.onnx_rt`). Nothing is copied
 
 Inputs, in order (the standard graph's names): `input_ids` (B, T), `attention_mask` (B, C + T),
 `position_ids` (B, T), `past_key_values.{i}.key` / `.value` (B, H, C, D), and the optional
-`logits_to_keep` (`onnx_export.add_logits_to_keep`). Outputs: `logits` (B, T, V) and
+`logits_to_keep` (`onnx_graph.add_logits_to_keep`). Outputs: `logits` (B, T, V) and
 `new.{i}.key` / `.value` (B, H, T, D). Query t may attend to every unmasked past column and
 to new columns 0..t (causal), so prefill is the same graph with C = 0.
 
 It is written from the model's weights with plain tensor operations (the same ones, in the
 same order, as `slimserve.runtimes.gpt2_step`), not traced through transformers' modules: its
-mask building (Range, Expand, GatherND, ...) was a further ~5 % of a step. Only plain GPT-2
-blocks qualify (`DecodeStep.of`); the exporter writes no such graph for others. TensorRT and
-ONNX Runtime's CUDA path keep the standard graph.
+mask building (Range, Expand, GatherND, ...) was a further ~5 % of a step. Every Linear is a
+2-D Gemm with its bias; the embedding (V, E) is stored once and its rows gathered (a gather
+along axis 1 of an (E, V) copy, as the standard graph does it for the int8 quantizer's sake,
+was ~6 % of a step); the tied head is `linear` on that table, which ONNX Runtime transposes
+once in memory at load. Only plain GPT-2 blocks qualify (`DecodeStep.of`); the exporter writes
+no such graph for others. TensorRT and ONNX Runtime's CUDA path keep the standard graph.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
+from build_engines.onnx_graph import (
+    OnnxCheckError,
+    add_logits_to_keep,
+    check_onnx,
+    quiet_export,
+    write_sidecar,
+)
+from build_engines.parity import ParityError, check_parity
+from slimserve.runtimes import onnx_rt
 from slimserve.runtimes.gpt2_step import DecodeStep
+from slimserve.runtimes.onnx_rt import append_output_names, io_names
 
 APPEND_FILE = "model.append.onnx"
 
@@ -44,9 +60,8 @@ class AppendKVLM(nn.Module):
         self.heads = [b.heads for b in step.blocks]
         self.head_dims = [b.head_dim for b in step.blocks]
         self.scales = [b.scale for b in step.blocks]
-        # The embedding (V, E) is stored once: the lookup gathers its rows, the tied head is a
-        # Gemm with transB (no transposed copy, as a lookup on an (E, V) matrix along axis 1
-        # was ~6 % of a batch-16 step).
+        # The embedding (V, E) is stored once: the lookup gathers its rows, the tied head is
+        # `linear` on the same table.
         self.wte = _frozen(step.wte)
         self.head = self.wte if step.head.data_ptr() == step.wte.data_ptr() else _frozen(step.head)
         self.wpe = _frozen(step.wpe)
@@ -96,3 +111,33 @@ class AppendKVLM(nn.Module):
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+def export_append_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
+    """Export `model`'s append graph (build_engines.onnx_append) to `path`, with the
+    `logits_to_keep` input; ValueError when the model is not a plain GPT-2."""
+    wrapper = AppendKVLM(model).eval()
+    cfg = model.config
+    inputs, _ = io_names(cfg.n_layer)
+    outputs = append_output_names(cfg.n_layer)
+    quiet_export(wrapper, cfg, path, inputs, outputs, opset, "dynamo")
+    add_logits_to_keep(path, cfg.n_positions)
+
+
+def try_append(out_dir: Path, ref, args: tuple, opset: int, log) -> dict[str, Any]:
+    """Write the append graph next to the standard one and name it in the sidecar, if it
+    passes the checker and the same parity check; otherwise leave the folder as it was."""
+    path = out_dir / APPEND_FILE
+    meta = onnx_rt.read_sidecar(out_dir)
+    try:
+        export_append_onnx(ref.model, path, opset)
+        check_onnx(path)
+        write_sidecar(out_dir, {**meta, "append": APPEND_FILE})
+        parity = check_parity(ref, onnx_rt.load(out_dir, device="cpu"), *args)
+    except (ParityError, OnnxCheckError, RuntimeError, ValueError) as exc:
+        write_sidecar(out_dir, meta)
+        path.unlink(missing_ok=True)
+        log(f"append graph not kept: {exc}")
+        return {"reason": str(exc)}
+    log(f"append graph kept: max |logit diff| {parity['max_abs_logit_diff']:.2e}")
+    return {"kept": True, "file": APPEND_FILE, "onnx_bytes": path.stat().st_size, "parity": parity}

@@ -20,30 +20,37 @@ manifest. Attention is not fused (ORT's GPT-2 patterns predate this graph's sepa
 value cache), and ORT's session-time optimiser already fuses LayerNorm and GELU, so on the
 tiny student the fused graph was no faster and the plain one is kept. A fused graph holds
 com.microsoft ops that TensorRT cannot parse: build-trt refuses such a parent with a message.
+
+Beside the standard graph the step writes the append graph (`append_graph`, on by default;
+build_engines.onnx_append), which the CPU runtime decodes with; the standard graph stays the
+one that TensorRT, int8 quantization and ONNX Runtime's CUDA path use.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from build_engines.onnx_append import APPEND_FILE, AppendKVLM
+from build_engines.onnx_append import try_append
+from build_engines.onnx_graph import (
+    OnnxCheckError,
+    add_logits_to_keep,
+    check_onnx,
+    initializer_stats,
+    quiet_export,
+    write_sidecar,
+)
 from build_engines.parity import check_parity, decode_ms, prompt_ids
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
-from slimserve.runtimes.onnx_rt import LOGITS_TO_KEEP, SIDECAR, append_output_names, io_names
+from slimserve.runtimes.onnx_rt import SIDECAR, io_names
 from slimserve.runtimes.spec import ONNXRUNTIME
 from slimserve.steps import ExportOnnxParams
 from slimserve.tokenizer import copy_tokenizer_files
@@ -54,17 +61,6 @@ MAX_WEIGHT_RATIO = 1.05  # ONNX initializer bytes / parent safetensors bytes
 # LayerNorm / GELU itself at session start, so the gain is small, and on a shared machine a
 # 5% "gain" is noise (measured on the tiny student: fused 0.63 ms vs plain 0.54 ms a step).
 KEEP_FUSED_BELOW = 0.90
-WEIGHT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.INT8,
-    onnx.TensorProto.UINT8,
-}
-
-
-class OnnxCheckError(ValueError):
-    """An ONNX file that the checker rejects (or that cannot be read)."""
 
 
 class KVCacheLM(nn.Module):
@@ -126,74 +122,6 @@ def load_parent_model(parent_dir: Path) -> nn.Module:
     return model.eval()
 
 
-def _example(cfg: Any, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[torch.Tensor, ...]:
-    """Example inputs (sizes > 1 so no axis is specialised to a constant)."""
-    heads, dim = cfg.n_head, cfg.n_embd // cfg.n_head
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).expand(batch, seq)
-    kv = [torch.zeros(batch, heads, past, dim) for _ in range(2 * cfg.n_layer)]
-    return (ids, mask, positions, *kv)
-
-
-def _tidy(path: Path, names: dict[str, str]) -> None:
-    """Name the derived axis `total` (= past + sequence) and drop the exporter's per-node debug
-    metadata (stack traces with local paths: half the file of a tiny model)."""
-    model = onnx.load(str(path))
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in names:
-                dim.dim_param = names[dim.dim_param]
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    onnx.save(model, str(path))
-
-
-def add_logits_to_keep(path: Path, context_length: int) -> bool:
-    """Let a run ask for the logits of the last N positions only (`LOGITS_TO_KEEP`).
-
-    Prefill needs one row of logits per prompt, yet the LM head over every prompt position was
-    about 40% of a tiny student's prefill. The head's input goes through
-    `Slice(hidden, -N, end, axis 1)`; N is a graph input backed by an initializer equal to the
-    context length, so a run that does not feed it (scoring, decode, TensorRT's parser, which
-    reads such an input as a constant) gets every position, as before. Returns False, leaving
-    the graph alone, when `logits` does not come from a MatMul on the hidden states.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    at, head = next(((i, n) for i, n in enumerate(graph.node) if "logits" in n.output), (0, None))
-    if head is None or head.op_type != "MatMul" or LOGITS_TO_KEEP in {i.name for i in graph.input}:
-        return False
-    consts = {
-        LOGITS_TO_KEEP: [context_length],
-        f"{LOGITS_TO_KEEP}.end": [np.iinfo(np.int64).max],
-        f"{LOGITS_TO_KEEP}.axis": [1],
-    }
-    for name, value in consts.items():
-        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
-    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
-    start, kept = f"{LOGITS_TO_KEEP}.start", f"{LOGITS_TO_KEEP}.hidden"
-    nodes = [
-        helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name=f"{LOGITS_TO_KEEP}/neg"),
-        helper.make_node(
-            "Slice",
-            [head.input[0], start, f"{LOGITS_TO_KEEP}.end", f"{LOGITS_TO_KEEP}.axis"],
-            [kept],
-            name=f"{LOGITS_TO_KEEP}/slice",
-        ),
-    ]
-    head.input[0] = kept
-    for node in reversed(nodes):
-        graph.node.insert(at, node)
-    logits = next(o for o in graph.output if o.name == "logits")
-    logits.type.tensor_type.shape.dim[1].dim_param = "kept"  # min(sequence, logits_to_keep)
-    onnx.save(model, str(path))
-    return True
-
-
 def export_kv_onnx(
     model: nn.Module, path: Path, opset: int = 18, exporter: str = "dynamo"
 ) -> dict[str, Any]:
@@ -202,7 +130,7 @@ def export_kv_onnx(
     cfg = model.config
     inputs, outputs = io_names(cfg.n_layer)
     start = time.time()
-    _quiet_export(wrapper, cfg, path, inputs, outputs, opset, exporter)
+    quiet_export(wrapper, cfg, path, inputs, outputs, opset, exporter)
     sliced = add_logits_to_keep(path, cfg.n_positions)
     return {
         "exporter": exporter,
@@ -213,111 +141,10 @@ def export_kv_onnx(
     }
 
 
-def export_append_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
-    """Export `model`'s append graph (build_engines.onnx_append) to `path`, with the
-    `logits_to_keep` input; ValueError when the model is not a plain GPT-2."""
-    wrapper = AppendKVLM(model).eval()
-    cfg = model.config
-    inputs, _ = io_names(cfg.n_layer)
-    outputs = append_output_names(cfg.n_layer)
-    _quiet_export(wrapper, cfg, path, inputs, outputs, opset, "dynamo")
-    add_logits_to_keep(path, cfg.n_positions)
-
-
-def _quiet_export(wrapper: nn.Module, cfg: Any, path: Path, inputs, outputs, opset, exporter):
-    """`_export` without the exporter's noise (torchvision notes, axis renames, deprecations)."""
-    assert not any(m.training for m in wrapper.modules()), "export needs eval mode (dropout off)"
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
-    with warnings.catch_warnings():
-        # axis-renaming notes and pytree deprecations from torch.export: noise, not problems
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        try:
-            _export(wrapper, cfg, _example(cfg), path, inputs, outputs, opset, exporter)
-        finally:
-            registration.setLevel(level)
-
-
-def _export(wrapper, cfg, args, path: Path, inputs, outputs, opset: int, exporter: str) -> None:
-    """torch.export-based exporter (default), or the deprecated TorchScript one (kept because it
-    still works in torch 2.13, matched PyTorch within 1e-6 in trials and exports in a second)."""
-    if exporter == "dynamo":
-        from torch.export import Dim
-
-        batch, seq = Dim("batch", min=1), Dim("sequence", min=1, max=cfg.n_positions)
-        past = Dim("past", min=0, max=cfg.n_positions)
-        kv_shape = {0: batch, 2: past}
-        shapes = (
-            {0: batch, 1: seq},
-            {0: batch, 1: Dim.AUTO},
-            {0: batch, 1: seq},
-            tuple(kv_shape for _ in range(2 * cfg.n_layer)),
-        )
-        torch.onnx.export(
-            wrapper, args, str(path), input_names=inputs, output_names=outputs,
-            opset_version=opset, dynamo=True, dynamic_shapes=shapes, external_data=False,
-            verbose=False,
-        )  # fmt: skip
-        m = onnx.load(str(path), load_external_data=False)
-        total = m.graph.input[1].type.tensor_type.shape.dim[1].dim_param
-        _tidy(path, {total: "total", "past + sequence": "total"})
-    elif exporter == "torchscript":
-        axes = {
-            "input_ids": {0: "batch", 1: "sequence"},
-            "position_ids": {0: "batch", 1: "sequence"},
-        }
-        axes["attention_mask"] = {0: "batch", 1: "total"}
-        axes["logits"] = {0: "batch", 1: "sequence"}
-        axes.update({n: {0: "batch", 2: "past"} for n in inputs[3:]})
-        axes.update({n: {0: "batch", 2: "total"} for n in outputs[1:]})
-        torch.onnx.export(
-            wrapper, args, str(path), input_names=inputs, output_names=outputs,
-            opset_version=opset, dynamo=False, dynamic_axes=axes,
-        )  # fmt: skip
-        _tidy(path, {})
-    else:
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-
-
-def check_onnx(path: Path, full: bool = True) -> None:
-    """Run `onnx.checker` (with strict shape inference when `full`); OnnxCheckError if it fails."""
-    try:
-        onnx.checker.check_model(str(path), full_check=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxCheckError(f"{path}: fails the ONNX checker: {first}") from exc
-    except Exception as exc:  # protobuf DecodeError, truncated files, ...
-        raise OnnxCheckError(f"{path}: not a readable ONNX model ({exc})") from exc
-
-
-def initializer_stats(path: Path) -> dict[str, int]:
-    """Weights of a graph: elements, non-zero elements and bytes of its non-scalar float and
-    8-bit initializers (the exporter's int64 shape constants and scalar scales are not weights).
-    """
-    from onnx import numpy_helper
-
-    total = nonzero = nbytes = 0
-    for init in onnx.load(str(path)).graph.initializer:
-        if init.data_type not in WEIGHT_TYPES or not init.dims:
-            continue
-        arr = numpy_helper.to_array(init)
-        total += arr.size
-        nonzero += int(np.count_nonzero(arr))
-        nbytes += arr.nbytes
-    return {"params_total": total, "params_nonzero": nonzero, "weight_bytes": nbytes}
-
-
 def prepare_folder(parent_dir: Path, out_dir: Path) -> None:
     """Copy what an ONNX folder needs besides the graph: config.json and the tokenizer."""
     shutil.copyfile(parent_dir / "config.json", out_dir / "config.json")
     copy_tokenizer_files(parent_dir, out_dir)
-
-
-def write_sidecar(out_dir: Path, meta: dict[str, Any]) -> None:
-    (out_dir / SIDECAR).write_text(json.dumps(meta, indent=2))
 
 
 def _optimize(src: Path, dst: Path, cfg: Any) -> dict[str, int]:
@@ -408,7 +235,7 @@ def export_folder(
         details["file_ratio"] = round(path.stat().st_size / st_bytes, 4) if st_bytes else None
     details["append"] = {"requested": params.append_graph, "kept": False}
     if params.append_graph:
-        details["append"].update(_try_append(out_dir, ref, args, params.opset, log))
+        details["append"].update(try_append(out_dir, ref, args, params.opset, log))
     details.update(params_total=weights["params_total"], params_nonzero=weights["params_nonzero"])
     return details
 
@@ -439,28 +266,6 @@ def _try_optimize(out_dir: Path, cfg: Any, ref, args: tuple, log) -> dict[str, A
     write_sidecar(out_dir, {"model": MODEL_FILE, "precision": "float32", "graph": "ort-gpt2-fused"})
     log(f"ORT GPT-2 fusion kept: {fused_ms:.3f} ms vs {plain_ms:.3f} ms plain")
     return {**result, "kept": True, "parity": parity}
-
-
-def _try_append(out_dir: Path, ref, args: tuple, opset: int, log) -> dict[str, Any]:
-    """Write the append graph next to the standard one and name it in the sidecar, if it
-    passes the checker and the same parity check; otherwise leave the folder as it was."""
-    from build_engines.parity import ParityError
-    from slimserve.runtimes import onnx_rt
-
-    path = out_dir / APPEND_FILE
-    meta = onnx_rt.read_sidecar(out_dir)
-    try:
-        export_append_onnx(ref.model, path, opset)
-        check_onnx(path)
-        write_sidecar(out_dir, {**meta, "append": APPEND_FILE})
-        parity = check_parity(ref, onnx_rt.load(out_dir, device="cpu"), *args)
-    except (ParityError, OnnxCheckError, RuntimeError, ValueError) as exc:
-        write_sidecar(out_dir, meta)
-        path.unlink(missing_ok=True)
-        log(f"append graph not kept: {exc}")
-        return {"reason": str(exc)}
-    log(f"append graph kept: max |logit diff| {parity['max_abs_logit_diff']:.2e}")
-    return {"kept": True, "file": APPEND_FILE, "onnx_bytes": path.stat().st_size, "parity": parity}
 
 
 def run(ctx: StepContext) -> StepResult:

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from build_engines.onnx_append import APPEND_FILE
-from build_engines.onnx_export import (
-    export_append_onnx,
-    export_kv_onnx,
-    load_parent_model,
-    prepare_folder,
-)
+from build_engines.onnx_append import APPEND_FILE, export_append_onnx
+from build_engines.onnx_export import export_kv_onnx, load_parent_model, prepare_folder
 from slimserve.artifacts import Manifest, write_manifest
 from slimserve.runtimes import load
 from slimserve.runtimes.arena import GROW_MIN, ArenaKVState
