@@ -150,7 +150,12 @@ def _fp32_source(
     if spec is TORCH:
         log(f"exporting {parent_dir.name} to fp32 ONNX before quantizing")
         export = export_folder(
-            parent_dir, scratch, ExportOnnxParams(optimize=False), tokenizer_dir, blocks, log
+            parent_dir,
+            scratch,
+            ExportOnnxParams(optimize=False, append_graph=False),
+            tokenizer_dir,
+            blocks,
+            log,
         )
         for key in ("params_total", "params_nonzero"):  # counted on the int8 graph instead
             export.pop(key)

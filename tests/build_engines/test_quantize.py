@@ -59,7 +59,7 @@ def int8(onnx_parent, tmp_path_factory):
     return out, run(fake_ctx(onnx_parent, out, TINY))
 
 
-def test_every_projection_head_and_embedding_is_int8(int8):
+def test_every_projection_head_and_embedding_is_int8(int8, onnx_parent):
     out, result = int8
     model = onnx.load(str(out / MODEL_FILE))
     inits = {i.name: i for i in model.graph.initializer}
@@ -72,6 +72,10 @@ def test_every_projection_head_and_embedding_is_int8(int8):
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     tables = [i for i in inits.values() if vocab in i.dims]
     assert len(tables) == 1  # tied embedding: one int8 copy for lookup and head
+    # The parent also has the fp32 append graph; the int8 artifact serves its standard graph.
+    assert "append" in json.loads((onnx_parent / "onnx.json").read_text())
+    meta = json.loads((out / "onnx.json").read_text())
+    assert "append" not in meta and not (out / "model.append.onnx").exists()
     assert tables[0].data_type in (TensorProto.INT8, TensorProto.UINT8)
     gathers = [
         n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == tables[0].name

@@ -97,7 +97,7 @@ def test_precision_plan_per_tensorrt_version():
 def models(tmp_path_factory) -> SimpleNamespace:
     torch_dir = make_torch_artifact(tmp_path_factory.mktemp("student"))
     onnx_dir = tmp_path_factory.mktemp("student-onnx")
-    export_folder(torch_dir, onnx_dir, ExportOnnxParams(optimize=False))
+    export_folder(torch_dir, onnx_dir, ExportOnnxParams(optimize=False, append_graph=False))
     manifest = Manifest(
         variant="student-onnx",
         profile="test",
