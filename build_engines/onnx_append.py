@@ -56,7 +56,7 @@ class AppendKVLM(nn.Module):
         step = DecodeStep.of(model)
         if step is None:
             raise ValueError("the append graph needs a plain GPT-2 LM (gpt2_step.DecodeStep.of)")
-        self.eps, self.act = step.eps, step.act
+        self.eps = step.eps
         self.heads = [b.heads for b in step.blocks]
         self.head_dims = [b.head_dim for b in step.blocks]
         self.scales = [b.scale for b in step.blocks]

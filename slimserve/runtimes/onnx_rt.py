@@ -122,9 +122,8 @@ class OnnxRuntime:
         self.append = append  # the append graph (CPU): the cache lives in arenas
         if append:
             self.output_names = append_output_names(info.num_layers)
-            arenas = Arenas(info.context_length, zeroed=True)  # the graph reads every column
-            self._arenas = arenas
-            self.select, self.merge = arenas.select, arenas.merge
+            self._arenas = Arenas(info.context_length, zeroed=True)  # the graph reads every column
+            self.select, self.merge = self._arenas.select, self._arenas.merge
         self.io_binding = self.device.type == "cuda"  # CPU: plain `run` on numpy views
         self._dummy = torch.zeros(1, device=self.device)  # an address for empty inputs
         overridable = {i.name for i in session.get_overridable_initializers()}
