@@ -30,7 +30,7 @@ from typing import Any
 from bench.engine_bench import PROMPTS
 from bench.peer_vllm import PeerError, install, last_error, start_vllm
 from bench.run_all import BenchPlan, _serve_threads, start_serve
-from bench.serving import CpuMeter, LevelResult, run_levels
+from bench.serving import CpuMeter, LevelResult, median_level, run_levels
 from slimserve.net import free_port
 from slimserve.tokenizer import load_tokenizer
 
@@ -49,6 +49,9 @@ class PeersPlan(BenchPlan):
     big_concurrencies: Sequence[int] = (1, 16)
     compare_tokens: int = 32
     wait_s: float = 3600.0  # for the student's manifest (another process may be building it)
+    rounds: int = 3  # student race: each level this many times, in turns (the median is kept)
+    big_rounds: int = 1  # 124M race: its levels are long enough to average the machine's noise
+    once: frozenset[str] = frozenset({"baseline"})  # servers measured in the first round only
 
 
 def wait_for(path: Path, timeout_s: float, poll_s: float = 10.0) -> None:
@@ -155,35 +158,46 @@ def race(
     meter: CpuMeter,
     own: dict[str, frozenset[str]],
     alive: dict[str, Callable[[], bool]] | None = None,
+    rounds: int = 1,
 ) -> Races:
-    """label -> (URL, model name): one `run_levels` call per level and label, so the servers
-    take turns level by level even though they serve the model under different names; a
-    concurrency's streamed levels follow its non-streamed ones at once (`run_levels`).
+    """label -> (URL, model name): one `run_levels` call per level, round and label, so the
+    servers take turns level by level even though they serve the model under different names;
+    a concurrency's streamed levels follow its non-streamed ones at once (`run_levels`).
 
-    A server whose `alive` check fails after one of its levels is left out of the rest.
+    Each level runs `rounds` times in a row, the servers' order rotated each round, and each
+    server keeps its median round (`median_level`): on a VM whose speed drifts by a quarter
+    within seconds, one short run per level decides a ratio by luck. Servers in `plan.once` (the
+    Flask baseline, far behind and slow to measure) run the first round only. A server whose
+    `alive` check fails after one of its levels is left out of the rest.
     """
     out: Races = {label: [] for label in servers}
     gone: set[str] = set()
+    labels = list(servers)
     for conc in concurrencies:
         for stream in (False, True):
-            for label, (url, model) in servers.items():
-                if label in gone:
-                    continue
-                got = run_levels(
-                    {label: url},
-                    model=model,
-                    concurrencies=(conc,),
-                    streams=(stream,),
-                    requests_per_client=plan.requests_per_client,
-                    min_requests=plan.min_requests,
-                    max_tokens=plan.max_tokens,
-                    meter=meter,
-                    own=own,
-                )
-                out[label] += got[label]
-                if label in (alive or {}) and not alive[label]():
-                    print(f"{label} has exited: left out of the remaining levels", flush=True)
-                    gone.add(label)
+            got: dict[str, list[LevelResult]] = {label: [] for label in labels}
+            for r in range(max(1, rounds)):
+                for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                    if label in gone or (r and label in plan.once):
+                        continue
+                    url, model = servers[label]
+                    got[label] += run_levels(
+                        {label: url},
+                        model=model,
+                        concurrencies=(conc,),
+                        streams=(stream,),
+                        requests_per_client=plan.requests_per_client,
+                        min_requests=plan.min_requests,
+                        max_tokens=plan.max_tokens,
+                        meter=meter,
+                        own=own,
+                    )[label]
+                    if label in (alive or {}) and not alive[label]():
+                        print(f"{label} has exited: left out of the remaining levels", flush=True)
+                        gone.add(label)
+            for label, runs in got.items():
+                if runs:
+                    out[label].append(median_level(runs))
     return out
 
 
@@ -273,7 +287,7 @@ def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[st
         plan.load("student: servers up")
         own = {"baseline": frozenset({"baseline"}), "vllm": _vllm_roles(extra)}
         alive = {"vllm": vllm_alive(extra)}
-        levels = race(servers, plan, plan.concurrencies, PeerMeter(extra), own, alive)
+        levels = race(servers, plan, plan.concurrencies, PeerMeter(extra), own, alive, plan.rounds)
         if vllm and not alive["vllm"]():
             mark_dead(peer, plan.variant)
         elif vllm:
@@ -302,7 +316,9 @@ def run_big(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[str
         plan.load("124M: servers up")
         own = {"vllm": _vllm_roles(extra)}
         alive = {"vllm": vllm_alive(extra)}
-        levels = race(servers, plan, plan.big_concurrencies, PeerMeter(extra), own, alive)
+        levels = race(
+            servers, plan, plan.big_concurrencies, PeerMeter(extra), own, alive, plan.big_rounds
+        )
         greedy = []
         if vllm and not alive["vllm"]():
             mark_dead(peer, TORCH_VARIANT)
@@ -338,6 +354,9 @@ def run_peers(plan: PeersPlan) -> list[Path]:
         "max_tokens": plan.max_tokens,
         "min_requests": plan.min_requests,
         "requests_per_client": plan.requests_per_client,
+        "rounds": plan.rounds,
+        "big_rounds": plan.big_rounds,
+        "once": sorted(plan.once),
     }
     report = peers_report(
         _rows(tiny), _rows(big), peer=peer, greedy=greedy, settings=settings, command=plan.command
@@ -378,6 +397,11 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
     p.add_argument("--requests-per-client", type=int, default=d.requests_per_client)
     p.add_argument("--min-requests", type=int, default=d.min_requests, help="per level, at least")
     p.add_argument("--compare-tokens", type=int, default=d.compare_tokens, help="greedy check")
+    p.add_argument(
+        "--rounds", type=int, default=d.rounds,
+        help="student race: runs per level, in turns; each server keeps its median",
+    )  # fmt: skip
+    p.add_argument("--big-rounds", type=int, default=d.big_rounds, help="the same, 124M race")
     p.add_argument("--venv", default=d.venv, help="vLLM's own virtual environment")
     p.add_argument("--no-vllm", action="store_true", help="skip the peer (no install)")
     p.add_argument("--no-tiny", action="store_true", help="skip the student race")
@@ -390,12 +414,15 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
             p.error(f"--{name.replace('_', '-')} levels must be >= 1")
     if min(a.max_tokens, a.requests_per_client, a.min_requests, a.compare_tokens) < 1:
         p.error("--max-tokens, --requests-per-client, --min-requests, --compare-tokens: >= 1")
+    if min(a.rounds, a.big_rounds) < 1:
+        p.error("--rounds, --big-rounds: >= 1")
     return PeersPlan(
         config=a.config, artifacts=a.artifacts, serve_config=a.serve_config, variant=a.variant,
         reports_dir=a.report_dir, concurrencies=tuple(a.concurrency),
         big_concurrencies=tuple(a.big_concurrency), max_tokens=a.max_tokens,
         requests_per_client=a.requests_per_client, min_requests=a.min_requests,
-        compare_tokens=a.compare_tokens, venv=a.venv, peer=not a.no_vllm, tiny=not a.no_tiny,
+        compare_tokens=a.compare_tokens, rounds=a.rounds, big_rounds=a.big_rounds, venv=a.venv,
+        peer=not a.no_vllm, tiny=not a.no_tiny,
         big=not a.no_big,
         big_root=a.big_root, wait_s=a.wait_s, parts=("peers",),
         command=" ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),

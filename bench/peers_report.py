@@ -115,13 +115,30 @@ def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
 
 def _levels_table(title: str, race: Rows) -> Table:
     title += "" if race else " (not run)"
-    columns = ("server", *LEVEL_COLUMNS)
+    cols = (*LEVEL_COLUMNS, "rounds_tok_s")
+    cols = cols if any("rounds_tok_s" in r for rs in race.values() for r in rs) else LEVEL_COLUMNS
     rows = [
-        [label] + [r.get(c) for c in LEVEL_COLUMNS]
+        [label] + [_cell(r.get(c)) for c in cols]
         for label, rs in race.items()
         for r in sorted(rs, key=lambda r: (r["stream"], r["concurrency"]))
     ]
-    return Table(title=title, columns=list(columns), rows=rows)
+    return Table(title=title, columns=["server", *cols], rows=rows)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: a list (every round's tokens/s) as one readable string."""
+    return " / ".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+
+
+def _rounds_note(settings: dict[str, Any]) -> str:
+    rounds, big = settings.get("rounds", 1), settings.get("big_rounds", 1)
+    once = ", ".join(settings.get("once") or ()) or "none"
+    return (
+        f"Rounds: each student level ran {rounds} time(s) in a row, the servers' order rotated "
+        f"each round, and every figure of a level is from that server's median round by tokens/s "
+        f"(`rounds_tok_s` lists each round's); 124M levels {big} round(s). Run once per level: "
+        f"{once}."
+    )
 
 
 def _pairs_table(title: str, race: Rows) -> Table:
@@ -167,6 +184,7 @@ def peers_report(
         f"Closed loop, greedy, max_tokens {settings['max_tokens']}, the same fixed prompts, "
         f"requests per level max({settings['min_requests']}, {settings['requests_per_client']} "
         "x clients); the servers took turns level by level, never loaded together.",
+        _rounds_note(settings),
         "Every server serves the same weights: slimserve from serve_config.yaml (the 124M model "
         "with the student's settings), vLLM's OpenAI server (float32, max-model-len 128) from "
         "its own venv, the Flask baseline (tiny student only) with 2 torch threads.",

@@ -64,6 +64,7 @@ class LevelResult:
     results: list[RequestResult] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds (CpuMeter)
     own: frozenset[str] | None = None  # the server's own roles (None: all but "client")
+    rounds_tok_s: list[float] = field(default_factory=list)  # every round's, when kept as median
 
     def row(self) -> dict[str, Any]:
         """The figures every slimserve benchmark prints (DESIGN.md), latencies in ms."""
@@ -94,6 +95,7 @@ class LevelResult:
             if self.cpu_s and tokens
             else None,
             "errors": "; ".join(self.errors()) or None,
+            **({"rounds_tok_s": self.rounds_tok_s} if self.rounds_tok_s else {}),
         }
 
     def own_cpu_s(self) -> float:
@@ -290,6 +292,28 @@ def run_levels(
                 print(_line(label, level.row()), flush=True)
                 out[label].append(level)
     return out
+
+
+def median_level(runs: Sequence[LevelResult]) -> LevelResult:
+    """The run of a level with the median output tokens/s (the lower middle one of an even
+    count), carrying every run's tokens/s in `rounds_tok_s` when there was more than one.
+
+    A whole run is kept, not a median per column: its latencies, CPU per token and failures
+    belong together. A run with failed requests counts as slower than any without.
+    """
+    if not runs:
+        raise ValueError("no runs to take the median of")
+    tok_s = [_throughput(lv) for lv in runs]
+    order = sorted(range(len(runs)), key=lambda i: (not runs[i].errors(), tok_s[i]))
+    kept = runs[order[(len(runs) - 1) // 2]]
+    if len(runs) > 1:
+        kept.rounds_tok_s = [_r(t) for t in tok_s]
+    return kept
+
+
+def _throughput(level: LevelResult) -> float:
+    tokens = sum(r.output_tokens for r in level.results if r.ok)
+    return tokens / level.wall_s if level.wall_s > 0 else 0.0
 
 
 def _line(label: str, row: dict[str, Any]) -> str:

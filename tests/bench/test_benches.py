@@ -224,6 +224,21 @@ def test_race_report_ratios_and_targets(tmp_path):
     assert loaded.report is not None, loaded.problem
 
 
+def test_median_level_keeps_the_middle_run_whole():
+    from bench.serving import median_level
+
+    runs = [_level(False, 4, tok, 1.0, None) for tok in (30, 10, 20, 40)]
+    kept = median_level(runs)
+    assert kept is runs[2] and kept.row()["rounds_tok_s"] == [120, 40, 80, 160]
+    failed = _level(False, 4, 50, 1.0, None)
+    failed.results[0] = RequestResult(False, 0.5, error="HTTP 503")
+    assert median_level([failed, runs[1], runs[0]]) is runs[1]  # a failed run ranks lowest
+    single = _level(True, 1, 8, 1.0, 0.1)
+    assert median_level([single]) is single and "rounds_tok_s" not in single.row()
+    with pytest.raises(ValueError):
+        median_level([])
+
+
 # -- GPU decode --------------------------------------------------------------------------------
 
 

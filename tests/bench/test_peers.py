@@ -18,7 +18,7 @@ from bench.peer_vllm import PeerError, install, requirements, start_vllm
 from bench.peers import PeerMeter, PeersPlan, parse_args, peer_status, race
 from bench.peers_report import peers_report, side_by_side, targets
 from bench.run_all import BenchPlan
-from bench.serving import LevelResult
+from bench.serving import LevelResult, RequestResult
 from slimserve.reports import read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +150,33 @@ def test_race_leaves_out_a_server_that_died(monkeypatch):
     assert calls[3:] == [("slimserve", False, 4), ("slimserve", True, 4)]
 
 
+def test_race_rounds_rotate_the_order_and_keep_each_servers_median(monkeypatch):
+    calls: list[tuple[str, bool]] = []
+    speed = {"slimserve": iter([300, 100, 200, 30, 10, 20]), "vllm": iter([5, 6, 4, 9, 7, 8])}
+
+    def fake_levels(servers, *, concurrencies, streams, **_):
+        (label,) = servers
+        calls.append((label, streams[0]))
+        tokens = next(speed[label]) if label in speed else 1
+        result = RequestResult(True, 0.1, output_tokens=tokens)
+        return {label: [LevelResult(concurrencies[0], streams[0], 1.0, [result])]}
+
+    monkeypatch.setattr("bench.peers.run_levels", fake_levels)
+    servers = {"slimserve": ("u", "m"), "vllm": ("v", "m"), "baseline": ("b", "m")}
+    plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
+    levels = race(servers, plan, (16,), PeerMeter({}), {}, rounds=3)
+    # three rounds of the non-streamed level, each starting one server later, then the streamed
+    # ones; the baseline (plan.once) runs the first round only
+    json_calls = [label for label, stream in calls if not stream]
+    assert json_calls == ["slimserve", "vllm", "baseline", "vllm", "slimserve", "slimserve", "vllm"]
+    assert len(calls) == 14
+    rows = {label: [lv.row() for lv in lvs] for label, lvs in levels.items()}
+    assert [r["out_tok_s"] for r in rows["slimserve"]] == [200, 20]  # the median rounds
+    assert rows["slimserve"][0]["rounds_tok_s"] == [300, 100, 200]
+    assert [r["out_tok_s"] for r in rows["vllm"]] == [5, 8]
+    assert len(rows["baseline"]) == 2 and "rounds_tok_s" not in rows["baseline"][0]
+
+
 def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
     from bench import peers
 
@@ -199,12 +226,15 @@ def test_parse_args_defaults_are_the_race_settings():
         assert getattr(plan, field) == getattr(race, field)
     assert plan.concurrencies == (1, 4, 16, 32) and plan.big_concurrencies == (1, 16)
     assert plan.peer and plan.big and plan.venv == ".venv-vllm"
+    assert (plan.rounds, plan.big_rounds, plan.once) == (3, 1, frozenset({"baseline"}))
     small = parse_args(["--concurrency", "1", "4", "--no-vllm", "--no-big", "--max-tokens", "8"])
     assert small.concurrencies == (1, 4) and not small.peer and not small.big
     assert small.max_tokens == 8 and "--no-vllm" in small.command
 
 
-@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--max-tokens", "0"], ["--x"]])
+@pytest.mark.parametrize(
+    "bad", [["--concurrency", "0"], ["--max-tokens", "0"], ["--rounds", "0"], ["--x"]]
+)
 def test_parse_args_rejects(bad, capsys):
     with pytest.raises(SystemExit):
         parse_args(bad)
@@ -257,6 +287,11 @@ def test_report_with_and_without_the_peer(tmp_path):
     loaded = read_report(paths[0])
     assert loaded.report is not None and loaded.report.name == "bench_peers"
     assert "vllm_tok_s" in loaded.report.tables[1].columns
+    assert any(n.startswith("Rounds: each student level ran 1 time(s)") for n in report.notes)
+    rounds = {"slimserve": [r | {"rounds_tok_s": [1.0, 2.5]} for r in _rows(100, 50)]}
+    table = peers_report(rounds, {}, peer=peer, greedy=[], settings=settings, command=None)
+    every = next(t for t in table.tables if t.title == "student (tiny): every level")
+    assert every.columns[-1] == "rounds_tok_s" and every.rows[0][-1] == "1 / 2.5"
     assert not any(n.startswith("vLLM") for n in report.notes)
     died = peer | {"run (m)": "died during the race: RuntimeError: head_dim=16"}
     report = peers_report(tiny, {}, peer=died, greedy=[], settings=settings, command=None)
