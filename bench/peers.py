@@ -164,9 +164,11 @@ def race(
     servers take turns level by level even though they serve the model under different names;
     a concurrency's streamed levels follow its non-streamed ones at once (`run_levels`).
 
-    Each level runs `rounds` times in a row, the servers' order rotated each round, and each
-    server keeps its median round (`median_level`): on a VM whose speed drifts by a quarter
-    within seconds, one short run per level decides a ratio by luck. Servers in `plan.once` (the
+    Each concurrency runs `rounds` rounds in a row (a round: every server non-streamed, then
+    every server streamed, the servers' order rotated each round), and each server keeps its
+    median run per level (`median_level`): on a VM whose speed drifts by a quarter within
+    seconds, one short run per level decides a ratio by luck, and a drift between a whole
+    non-streamed phase and a whole streamed one would decide the streamed / non-streamed ratio. Servers in `plan.once` (the
     Flask baseline, far behind and slow to measure) run the first round only. A server whose
     `alive` check fails after one of its levels is left out of the rest.
     """
@@ -174,30 +176,31 @@ def race(
     gone: set[str] = set()
     labels = list(servers)
     for conc in concurrencies:
-        for stream in (False, True):
-            got: dict[str, list[LevelResult]] = {label: [] for label in labels}
-            for r in range(max(1, rounds)):
+        got: dict[tuple[str, bool], list[LevelResult]] = {}
+        for r in range(max(1, rounds)):
+            for stream in (False, True):
                 for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
                     if label in gone or (r and label in plan.once):
                         continue
                     url, model = servers[label]
-                    got[label] += run_levels(
-                        {label: url},
-                        model=model,
-                        concurrencies=(conc,),
-                        streams=(stream,),
-                        requests_per_client=plan.requests_per_client,
-                        min_requests=plan.min_requests,
-                        max_tokens=plan.max_tokens,
-                        meter=meter,
-                        own=own,
-                    )[label]
+                    got.setdefault((label, stream), []).extend(
+                        run_levels(
+                            {label: url},
+                            model=model,
+                            concurrencies=(conc,),
+                            streams=(stream,),
+                            requests_per_client=plan.requests_per_client,
+                            min_requests=plan.min_requests,
+                            max_tokens=plan.max_tokens,
+                            meter=meter,
+                            own=own,
+                        )[label]
+                    )
                     if label in (alive or {}) and not alive[label]():
                         print(f"{label} has exited: left out of the remaining levels", flush=True)
                         gone.add(label)
-            for label, runs in got.items():
-                if runs:
-                    out[label].append(median_level(runs))
+        for (label, _), runs in sorted(got.items(), key=lambda kv: kv[0][1]):
+            out[label].append(median_level(runs))
     return out
 
 

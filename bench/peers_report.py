@@ -118,16 +118,24 @@ def _levels_table(title: str, race: Rows) -> Table:
     cols = (*LEVEL_COLUMNS, "rounds_tok_s")
     cols = cols if any("rounds_tok_s" in r for rs in race.values() for r in rs) else LEVEL_COLUMNS
     rows = [
-        [label] + [_cell(r.get(c)) for c in cols]
+        [label]
+        + [r.get(c) for c in LEVEL_COLUMNS]
+        + ([_rounds(r)] if cols != LEVEL_COLUMNS else [])
         for label, rs in race.items()
         for r in sorted(rs, key=lambda r: (r["stream"], r["concurrency"]))
     ]
     return Table(title=title, columns=["server", *cols], rows=rows)
 
 
-def _cell(value: Any) -> Any:
-    """A table cell: a list (every round's tokens/s) as one readable string."""
-    return " / ".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+def _rounds(row: dict[str, Any]) -> str | None:
+    """Every round's tokens/s as one cell, a round with failed requests marked."""
+    if "rounds_tok_s" not in row:
+        return None
+    failed = row.get("rounds_failed") or [0] * len(row["rounds_tok_s"])
+    return " / ".join(
+        f"{t:g}" + (f" ({n} failed)" if n else "")
+        for t, n in zip(row["rounds_tok_s"], failed, strict=True)
+    )
 
 
 def _rounds_note(settings: dict[str, Any]) -> str:

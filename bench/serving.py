@@ -65,6 +65,7 @@ class LevelResult:
     cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds (CpuMeter)
     own: frozenset[str] | None = None  # the server's own roles (None: all but "client")
     rounds_tok_s: list[float] = field(default_factory=list)  # every round's, when kept as median
+    rounds_failed: list[int] = field(default_factory=list)  # failed requests, per round
 
     def row(self) -> dict[str, Any]:
         """The figures every slimserve benchmark prints (DESIGN.md), latencies in ms."""
@@ -96,6 +97,7 @@ class LevelResult:
             else None,
             "errors": "; ".join(self.errors()) or None,
             **({"rounds_tok_s": self.rounds_tok_s} if self.rounds_tok_s else {}),
+            **({"rounds_failed": self.rounds_failed} if any(self.rounds_failed) else {}),
         }
 
     def own_cpu_s(self) -> float:
@@ -299,7 +301,8 @@ def median_level(runs: Sequence[LevelResult]) -> LevelResult:
     count), carrying every run's tokens/s in `rounds_tok_s` when there was more than one.
 
     A whole run is kept, not a median per column: its latencies, CPU per token and failures
-    belong together. A run with failed requests counts as slower than any without.
+    belong together. A run with failed requests counts as slower than any without, and every
+    run's failures stay in `rounds_failed`.
     """
     if not runs:
         raise ValueError("no runs to take the median of")
@@ -308,6 +311,7 @@ def median_level(runs: Sequence[LevelResult]) -> LevelResult:
     kept = runs[order[(len(runs) - 1) // 2]]
     if len(runs) > 1:
         kept.rounds_tok_s = [_r(t) for t in tok_s]
+        kept.rounds_failed = [sum(not r.ok for r in lv.results) for lv in runs]
     return kept
 
 

@@ -232,7 +232,8 @@ def test_median_level_keeps_the_middle_run_whole():
     assert kept is runs[2] and kept.row()["rounds_tok_s"] == [120, 40, 80, 160]
     failed = _level(False, 4, 50, 1.0, None)
     failed.results[0] = RequestResult(False, 0.5, error="HTTP 503")
-    assert median_level([failed, runs[1], runs[0]]) is runs[1]  # a failed run ranks lowest
+    kept = median_level([failed, runs[1], runs[0]])
+    assert kept is runs[1] and kept.row()["rounds_failed"] == [1, 0, 0]  # failed ranks lowest
     single = _level(True, 1, 8, 1.0, 0.1)
     assert median_level([single]) is single and "rounds_tok_s" not in single.row()
     with pytest.raises(ValueError):

@@ -152,7 +152,8 @@ def test_race_leaves_out_a_server_that_died(monkeypatch):
 
 def test_race_rounds_rotate_the_order_and_keep_each_servers_median(monkeypatch):
     calls: list[tuple[str, bool]] = []
-    speed = {"slimserve": iter([300, 100, 200, 30, 10, 20]), "vllm": iter([5, 6, 4, 9, 7, 8])}
+    # tokens per call, in call order: rounds alternate non-streamed and streamed levels
+    speed = {"slimserve": iter([300, 30, 100, 10, 200, 20]), "vllm": iter([5, 9, 6, 7, 4, 8])}
 
     def fake_levels(servers, *, concurrencies, streams, **_):
         (label,) = servers
@@ -165,11 +166,16 @@ def test_race_rounds_rotate_the_order_and_keep_each_servers_median(monkeypatch):
     servers = {"slimserve": ("u", "m"), "vllm": ("v", "m"), "baseline": ("b", "m")}
     plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
     levels = race(servers, plan, (16,), PeerMeter({}), {}, rounds=3)
-    # three rounds of the non-streamed level, each starting one server later, then the streamed
-    # ones; the baseline (plan.once) runs the first round only
-    json_calls = [label for label, stream in calls if not stream]
-    assert json_calls == ["slimserve", "vllm", "baseline", "vllm", "slimserve", "slimserve", "vllm"]
-    assert len(calls) == 14
+    # three rounds, each every server non-streamed then streamed, each round starting one server
+    # later; the baseline (plan.once) runs the first round only
+    assert calls[:6] == [(label, s) for s in (False, True) for label in servers]
+    assert calls[6:10] == [
+        ("vllm", False),
+        ("slimserve", False),
+        ("vllm", True),
+        ("slimserve", True),
+    ]
+    assert [label for label, _ in calls[10:]] == ["slimserve", "vllm"] * 2 and len(calls) == 14
     rows = {label: [lv.row() for lv in lvs] for label, lvs in levels.items()}
     assert [r["out_tok_s"] for r in rows["slimserve"]] == [200, 20]  # the median rounds
     assert rows["slimserve"][0]["rounds_tok_s"] == [300, 100, 200]
@@ -289,9 +295,11 @@ def test_report_with_and_without_the_peer(tmp_path):
     assert "vllm_tok_s" in loaded.report.tables[1].columns
     assert any(n.startswith("Rounds: each student level ran 1 time(s)") for n in report.notes)
     rounds = {"slimserve": [r | {"rounds_tok_s": [1.0, 2.5]} for r in _rows(100, 50)]}
+    rounds["slimserve"][0]["rounds_failed"] = [3, 0]
     table = peers_report(rounds, {}, peer=peer, greedy=[], settings=settings, command=None)
     every = next(t for t in table.tables if t.title == "student (tiny): every level")
-    assert every.columns[-1] == "rounds_tok_s" and every.rows[0][-1] == "1 / 2.5"
+    assert every.columns[-1] == "rounds_tok_s" and every.rows[0][-1] == "1 (3 failed) / 2.5"
+    assert every.rows[1][-1] == "1 / 2.5"
     assert not any(n.startswith("vLLM") for n in report.notes)
     died = peer | {"run (m)": "died during the race: RuntimeError: head_dim=16"}
     report = peers_report(tiny, {}, peer=died, greedy=[], settings=settings, command=None)
