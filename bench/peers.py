@@ -161,16 +161,15 @@ def race(
     rounds: int = 1,
 ) -> Races:
     """label -> (URL, model name): one `run_levels` call per level, round and label, so the
-    servers take turns level by level even though they serve the model under different names;
-    a concurrency's streamed levels follow its non-streamed ones at once (`run_levels`).
+    servers take turns level by level even though they serve the model under different names.
 
-    Each concurrency runs `rounds` rounds in a row (a round: every server non-streamed, then
-    every server streamed, the servers' order rotated each round), and each server keeps its
-    median run per level (`median_level`): on a VM whose speed drifts by a quarter within
-    seconds, one short run per level decides a ratio by luck, and a drift between a whole
-    non-streamed phase and a whole streamed one would decide the streamed / non-streamed ratio. Servers in `plan.once` (the
-    Flask baseline, far behind and slow to measure) run the first round only. A server whose
-    `alive` check fails after one of its levels is left out of the rest.
+    Each concurrency runs `rounds` rounds in a row. A round is every server non-streamed, then
+    every server streamed, the servers' order rotated each round; each server keeps its median
+    run per level (`median_level`). On a VM whose speed drifts by a quarter within seconds, one
+    short run per level decides a ratio by luck, and a drift between a whole non-streamed phase
+    and a whole streamed one would decide the streamed / non-streamed ratio. Servers in
+    `plan.once` (the Flask baseline, far behind and slow to measure) run the first round only.
+    A server whose `alive` check fails after one of its levels is left out of the rest.
     """
     out: Races = {label: [] for label in servers}
     gone: set[str] = set()

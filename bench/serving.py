@@ -307,11 +307,12 @@ def median_level(runs: Sequence[LevelResult]) -> LevelResult:
     if not runs:
         raise ValueError("no runs to take the median of")
     tok_s = [_throughput(lv) for lv in runs]
-    order = sorted(range(len(runs)), key=lambda i: (not runs[i].errors(), tok_s[i]))
+    failed = [sum(not r.ok for r in lv.results) for lv in runs]
+    order = sorted(range(len(runs)), key=lambda i: (failed[i] == 0, tok_s[i]))
     kept = runs[order[(len(runs) - 1) // 2]]
     if len(runs) > 1:
         kept.rounds_tok_s = [_r(t) for t in tok_s]
-        kept.rounds_failed = [sum(not r.ok for r in lv.results) for lv in runs]
+        kept.rounds_failed = failed
     return kept
 
 
