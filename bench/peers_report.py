@@ -115,12 +115,10 @@ def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
 
 def _levels_table(title: str, race: Rows) -> Table:
     title += "" if race else " (not run)"
-    cols = (*LEVEL_COLUMNS, "rounds_tok_s")
-    cols = cols if any("rounds_tok_s" in r for rs in race.values() for r in rs) else LEVEL_COLUMNS
+    with_rounds = any("rounds_tok_s" in r for rs in race.values() for r in rs)
+    cols = (*LEVEL_COLUMNS, "rounds_tok_s") if with_rounds else LEVEL_COLUMNS
     rows = [
-        [label]
-        + [r.get(c) for c in LEVEL_COLUMNS]
-        + ([_rounds(r)] if cols != LEVEL_COLUMNS else [])
+        [label] + [r.get(c) for c in LEVEL_COLUMNS] + ([_rounds(r)] if with_rounds else [])
         for label, rs in race.items()
         for r in sorted(rs, key=lambda r: (r["stream"], r["concurrency"]))
     ]

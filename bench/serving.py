@@ -82,7 +82,7 @@ class LevelResult:
             "ok": len(ok),
             "failed": len(self.results) - len(ok),
             "req_s": _r(len(ok) / self.wall_s),
-            "out_tok_s": _r(tokens / self.wall_s),
+            "out_tok_s": _r(self.tok_s()),
             "ttft_p50_ms": _ms(percentile(ttft, 50)),
             "ttft_p99_ms": _ms(percentile(ttft, 99)),
             "tpot_p50_ms": _ms(percentile(tpot, 50)),
@@ -99,6 +99,10 @@ class LevelResult:
             **({"rounds_tok_s": self.rounds_tok_s} if self.rounds_tok_s else {}),
             **({"rounds_failed": self.rounds_failed} if any(self.rounds_failed) else {}),
         }
+
+    def tok_s(self) -> float:
+        """Output tokens per second of the requests that succeeded."""
+        return sum(r.output_tokens for r in self.results if r.ok) / self.wall_s
 
     def own_cpu_s(self) -> float:
         """CPU seconds of the measured server's own processes during the level."""
@@ -306,7 +310,7 @@ def median_level(runs: Sequence[LevelResult]) -> LevelResult:
     """
     if not runs:
         raise ValueError("no runs to take the median of")
-    tok_s = [_throughput(lv) for lv in runs]
+    tok_s = [lv.tok_s() for lv in runs]
     failed = [sum(not r.ok for r in lv.results) for lv in runs]
     order = sorted(range(len(runs)), key=lambda i: (failed[i] == 0, tok_s[i]))
     kept = runs[order[(len(runs) - 1) // 2]]
@@ -314,11 +318,6 @@ def median_level(runs: Sequence[LevelResult]) -> LevelResult:
         kept.rounds_tok_s = [_r(t) for t in tok_s]
         kept.rounds_failed = failed
     return kept
-
-
-def _throughput(level: LevelResult) -> float:
-    tokens = sum(r.output_tokens for r in level.results if r.ok)
-    return tokens / level.wall_s if level.wall_s > 0 else 0.0
 
 
 def _line(label: str, row: dict[str, Any]) -> str:
