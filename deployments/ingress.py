@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import compare, serving
+from deployments.channel import Inbox
 from deployments.errors import ApiError, install
 from deployments.middleware import Guard
 from deployments.replica_client import ReplicaClient
@@ -65,7 +66,8 @@ class Ingress:
     ):
         self.models = models
         self.settings = IngressSettings.model_validate(settings)
-        self.client = ReplicaClient(self.settings.request_timeout_s)
+        inbox = Inbox() if self.settings.stream_channel else None
+        self.client = ReplicaClient(self.settings.request_timeout_s, inbox=inbox)
         self.cards = [ModelCard.model_validate(c) for c in catalogue["cards"]]
         self.profile: str = catalogue["profile"]
         self.teacher: str = catalogue["teacher"]

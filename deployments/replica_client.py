@@ -30,10 +30,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from deployments.admission import FullQueues
+from deployments.channel import ChannelStream, ChannelUnreachable, Inbox
 from deployments.errors import OVERLOADED, RETRYABLE, ApiError, replica_error, unavailable
 
 log = logging.getLogger("ray.serve")
 Event = dict[str, Any]  # one event of a replica's stream (deployments.model)
+Stream = DeploymentResponseGenerator | ChannelStream  # a streamed call's event lists
 RETRY_ATTEMPTS = 3  # tries in all per request, each on whatever replica Serve picks
 RETRY_BACKOFF_S = 0.05  # doubled per retry; the request's deadline bounds the total
 OUTAGE_WINDOW_S = 30.0
@@ -49,8 +51,11 @@ class ReplicaClient:
     """Calls replicas for one ingress replica: one deadline per request, retries on a lost
     replica, and the memory of which variants' queues are full."""
 
-    def __init__(self, request_timeout_s: float, queues: FullQueues | None = None):
+    def __init__(
+        self, request_timeout_s: float, queues: FullQueues | None = None, inbox: Inbox | None = None
+    ):
         self.request_timeout_s = request_timeout_s
+        self.inbox = inbox  # where streamed events arrive; None: Serve's streaming responses
         self.queues = queues if queues is not None else FullQueues()
         self.lost_at = -math.inf  # monotonic time a replica was last seen lost
 
@@ -115,7 +120,7 @@ class ReplicaClient:
 
     async def open_stream(
         self, handle: DeploymentHandle, payload: dict[str, Any], deadline: float, model: str
-    ) -> tuple[DeploymentResponseGenerator, list[Event]]:
+    ) -> tuple[Stream, list[Event]]:
         """Start a streamed call and wait for the events of its first SSE frame.
 
         Nothing has reached the client until then (not even the status line), so errors are
@@ -124,9 +129,12 @@ class ReplicaClient:
         """
         lost = 0  # tries that met a dead replica
         while True:
-            gen = handle.options(stream=True).stream.remote(payload)
+            gen = await self._start(handle, payload)
             try:
                 return gen, await self._first_frame(gen, deadline)
+            except ChannelUnreachable as exc:  # nothing generated: go again through Serve
+                log.warning("stream events inbox unreachable (%s); streaming through Serve", exc)
+                self.inbox = None
             except TimeoutError:
                 cancel(gen)
                 raise self.timeout() from None
@@ -139,7 +147,19 @@ class ReplicaClient:
                 if not await self._retry(exc, lost, deadline):
                     raise self._give_up(exc, model) from exc
 
-    async def _first_frame(self, gen: DeploymentResponseGenerator, deadline: float) -> list[Event]:
+    async def _start(self, handle: DeploymentHandle, payload: dict[str, Any]) -> Stream:
+        """A streamed call: its events through the inbox when there is one, else as the items
+        of Serve's streaming response."""
+        if self.inbox is not None:
+            try:
+                await self.inbox.start()
+                return self.inbox.open(handle, payload)
+            except OSError as exc:
+                log.warning("stream events inbox cannot listen (%s); streaming through Serve", exc)
+                self.inbox = None
+        return handle.options(stream=True).stream.remote(payload)
+
+    async def _first_frame(self, gen: Stream, deadline: float) -> list[Event]:
         """The replica's events up to the first that makes a frame (a delta or the end); the
         replica sends them in lists (deployments.model `stream`)."""
         events: list[Event] = []
@@ -190,7 +210,7 @@ class ReplicaClient:
         return True
 
 
-def cancel(response: DeploymentResponse | DeploymentResponseGenerator) -> None:
+def cancel(response: DeploymentResponse | Stream) -> None:
     """Cancel a replica call, best effort. Serve's `cancel()` raises the call's own error again
     when the call failed before reaching a replica (a full queue, no replica): there is nothing
     to cancel then, and that error must not escape past the retry."""

@@ -17,11 +17,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import RETRYABLE, stream_error
 from deployments.messages import job, sampling
-from deployments.replica_client import Event, ReplicaClient, cancel
+from deployments.replica_client import Event, ReplicaClient, Stream, cancel
 from deployments.sse import DONE, ChunkFormatter, Kind, frame
 from slimserve.protocol import (
     CHAT_STOP,
@@ -91,7 +91,7 @@ async def completion(
 
 async def sse(
     client: ReplicaClient,
-    gen: DeploymentResponseGenerator,
+    gen: Stream,
     first: list[Event],
     fmt: ChunkFormatter,
     deadline: float,

@@ -132,6 +132,11 @@ class IngressSettings(Strict):
         "SLIMSERVE_API_KEY", min_length=1, description="env var holding the bearer key, if set"
     )
     compare_warmup_tokens: int = Field(4, ge=1, le=64, description="untimed warm-up per variant")
+    stream_channel: bool = Field(
+        True,
+        description="streamed events over one socket per replica (deployments/channel.py); "
+        "false: as Serve streaming responses",
+    )
 
 
 class AppSettings(Strict):
