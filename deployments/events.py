@@ -1,13 +1,13 @@
 """The events a model replica yields for one job: its streams merged, coalesced and summed up.
 
-Streamed tokens are coalesced under load. Every event a replica yields crosses a Ray hop to
-the ingress and becomes an SSE frame there (and one more hop when Serve's Python proxy is the
-HTTP front instead of HAProxy); each hop costs CPU per event, not per token, on the order of
-what the model step spends on a whole row, so one event per token would spend most of a small
-machine on moving events (reports/profile_serving.md has the per-process profile). With R requests
-running and `STREAM_FRAMES_PER_STEP` = F, each request's deltas are merged and sent every
-ceil(R / F) tokens, so a replica emits about F events per engine step however many streams it
-runs (vLLM's `stream_interval`, scaled with the load): at 16 streams, one event per 8 tokens.
+Streamed tokens are coalesced under load. Every event a replica yields becomes an SSE frame
+in the ingress, a chunk through its ASGI stack and HAProxy, and a frame the client parses;
+each costs CPU per frame, not per token (reports/profile_serving.md has the per-process
+profile), so one event per token would spend a small machine on moving frames. (The events
+themselves travel replica -> ingress in one socket write per engine step for all streams,
+deployments.channel.) With R requests running and `STREAM_FRAMES_PER_STEP` = F, each
+request's deltas are merged and sent every ceil(R / F) tokens, so a replica emits about F
+events per engine step however many streams it runs (vLLM's `stream_interval`, scaled with the load): at 16 streams, one event per 8 tokens.
 With R <= F every token is its own event; the first delta always goes at once (time to first
 token is unchanged), the last one (with `finish_reason`) too. The text is the same; only the
 number of SSE frames it arrives in changes. Live via `reconfigure` (`stream_frames_per_step`;
@@ -15,7 +15,7 @@ number of SSE frames it arrives in changes. Live via `reconfigure` (`stream_fram
 
 Light load gets a time rule instead: after the first delta, a request's deltas go at most every
 `STREAM_MIN_INTERVAL_MS` (20 ms, 50 frames a second: smoother than a reader can tell), so a
-lone stream sends a few tokens per frame instead of paying the hops for every token. The first
+lone stream sends a few tokens per frame instead of paying for a frame per token. The first
 delta and the last still go at once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns
 it off).
 """

@@ -130,9 +130,10 @@ class ModelServer:
     async def stream(self, job: dict[str, Any]) -> AsyncIterator[list[Event]]:
         """Streaming generation (call with `handle.options(stream=True)`); see messages.py.
 
-        Yields lists of events, one list per message to the ingress: `start` goes with the
-        first delta, and (one choice) the last delta with `end`, so a stream costs the two
-        hops two messages fewer. Neither waits: they come out of the engine together.
+        Yields lists of events, one list per message to the ingress (and one SSE body chunk
+        there): `start` goes with the first delta, and (one choice) the last delta with `end`.
+        Neither waits: they come out of the engine together. `stream_to` sends the same lists
+        over the ingress's socket instead.
         """
         held: list[Event] = []
         one = int(job.get("n", 1)) == 1
