@@ -16,7 +16,8 @@ Wire format: msgpack. The replica's first message is the inbox's key (a random t
 ingress hands out with each call, so only processes that received a call through Ray can
 write events); after it, every message is a list of `[request id, [event, ...]]` pairs, each
 event list being one message of deployments.model's `stream` (so the SSE frames are the same).
-A connection whose first message is not the key is closed. Events are plain dicts, and msgpack
+A connection whose first message is not the key, or that sends none within KEY_TIMEOUT_S, is
+closed. Events are plain dicts, and msgpack
 decodes data only, never code.
 
 Failure handling: the ingress learns that a replica died from the Serve call (RayActorError),
@@ -47,6 +48,8 @@ Event = dict[str, Any]
 END_GRACE_S = 10.0
 """How long the ingress waits, after a replica's call returned, for the stream's last events
 (they were written before it returned, but travel on the socket, not with the reply)."""
+KEY_TIMEOUT_S = 10.0
+"""A connection that has not sent the inbox's key by then is closed."""
 CALL_DONE = object()  # queued when the Serve call returns or fails
 
 
@@ -120,6 +123,12 @@ class _Reader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.inbox.readers.add(self)
+        asyncio.get_running_loop().call_later(KEY_TIMEOUT_S, self._key_overdue)
+
+    def _key_overdue(self) -> None:
+        if not self.trusted:
+            log.warning("stream events inbox: dropping a connection that sent no key")
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.inbox.readers.discard(self)

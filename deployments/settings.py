@@ -94,6 +94,10 @@ class VariantSettings(Strict):
     health_check_period_s: float = Field(10.0, gt=0, le=3600)
     health_check_timeout_s: float = Field(30.0, gt=0, le=3600)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
+    access_log: bool = Field(
+        False,
+        description="Serve's line per call in the replica's log (the ingress logs each request)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> VariantSettings:
@@ -343,6 +347,7 @@ def deployment_options(s: VariantSettings, placement: Placement) -> dict[str, An
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+        "logging_config": {"enable_access_log": s.access_log},
     }
     if s.autoscaling is not None:
         a = s.autoscaling

@@ -210,6 +210,19 @@ def test_a_connection_without_the_key_is_closed_and_delivers_nothing():
 
 
 @pytest.mark.timeout(20)
+def test_a_connection_that_sends_no_key_is_closed(monkeypatch):
+    monkeypatch.setattr(ch, "KEY_TIMEOUT_S", 0.1)
+
+    async def go(inbox: ch.Inbox) -> None:
+        host, port = (inbox.address or "").rsplit(":", 1)
+        reader, _ = await asyncio.open_connection(host, int(port))
+        assert await reader.read() == b""  # closed by the inbox after KEY_TIMEOUT_S
+        assert not inbox.readers
+
+    run(go)
+
+
+@pytest.mark.timeout(20)
 def test_a_replica_whose_ingress_is_gone_fails_its_next_send():
     async def go(inbox: ch.Inbox) -> None:
         outboxes = ch.Outboxes()
