@@ -48,6 +48,8 @@ Event = dict[str, Any]
 END_GRACE_S = 10.0
 """How long the ingress waits, after a replica's call returned, for the stream's last events
 (they were written before it returned, but travel on the socket, not with the reply)."""
+CONNECT_TIMEOUT_S = 5.0
+"""A replica that cannot connect to the inbox within this answers `unreachable`."""
 KEY_TIMEOUT_S = 10.0
 """A connection that has not sent the inbox's key by then is closed."""
 CALL_DONE = object()  # queued when the Serve call returns or fails
@@ -228,9 +230,12 @@ class Outbox:
 
     @classmethod
     async def connect(cls, address: str, key: str) -> Outbox:
+        """Connect and send the key; OSError (TimeoutError after CONNECT_TIMEOUT_S included)
+        when the inbox cannot be reached."""
         host, port = address.rsplit(":", 1)
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_connection(_Writer, host, int(port))
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):  # a firewall that drops packets
+            transport, protocol = await loop.create_connection(_Writer, host, int(port))
         transport.write(msgpack.packb(key))
         return cls(transport, protocol)
 
@@ -308,6 +313,8 @@ class Outboxes:
         async with lock:
             box = self.boxes.get(address)
             if box is None or box.broken:
+                for gone in [a for a, b in self.boxes.items() if b.broken]:  # old ingresses
+                    del self.boxes[gone]
                 box = self.boxes[address] = await Outbox.connect(address, target["key"])
         return box
 
