@@ -211,15 +211,21 @@ def test_a_connection_without_the_key_is_closed_and_delivers_nothing():
 
 @pytest.mark.timeout(20)
 def test_an_inbox_behind_a_silent_firewall_fails_fast(monkeypatch):
-    """No answer at all (a non-routable address) is an OSError after CONNECT_TIMEOUT_S, which
-    the replica answers as `unreachable`, not a request that hangs to its deadline."""
+    """A connect that never completes (a firewall dropping packets, played here by a connect
+    that waits forever) is an OSError after CONNECT_TIMEOUT_S, which the replica answers as
+    `unreachable`, not a request that hangs to its deadline."""
     monkeypatch.setattr(ch, "CONNECT_TIMEOUT_S", 0.2)
 
+    async def silent(*_: object, **__: object) -> None:
+        await asyncio.Event().wait()
+
     async def go() -> float:
-        t0 = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "create_connection", silent)
+        t0 = loop.time()
         with pytest.raises(OSError):
-            await ch.Outbox.connect("10.255.255.1:9", "k")
-        return asyncio.get_running_loop().time() - t0
+            await ch.Outbox.connect("192.0.2.1:9", "k")
+        return loop.time() - t0
 
     assert asyncio.run(go()) < 2
 
