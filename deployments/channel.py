@@ -17,8 +17,7 @@ ingress hands out with each call, so only processes that received a call through
 write events); after it, every message is a list of `[request id, [event, ...]]` pairs, each
 event list being one message of deployments.model's `stream` (so the SSE frames are the same).
 A connection whose first message is not the key, or that sends none within KEY_TIMEOUT_S, is
-closed. Events are plain dicts, and msgpack
-decodes data only, never code.
+closed. Events are plain dicts, and msgpack decodes data only, never code.
 
 Failure handling: the ingress learns that a replica died from the Serve call (RayActorError),
 not from the socket, so replica loss is retried or reported by deployments.replica_client as
