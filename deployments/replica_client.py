@@ -7,6 +7,10 @@ client-fault reply -> 400/404; a full queue (Serve's `max_queued_requests`, Back
 a client that disconnects cancels its replica call, which frees the engine's batch slot at the
 next step.
 
+A streamed call's events arrive through the ingress's inbox (deployments.channel), or, when
+the ingress has none or a replica cannot reach it, as the items of Serve's streaming response;
+the rules below are the same either way.
+
 Replica loss: a non-streamed call, or a stream before its first SSE frame, whose replica dies
 is sent again (RETRY_ATTEMPTS in all, within the request's deadline); a stream that loses its
 replica later ends with a 503 error event and `[DONE]` (deployments.serving).
