@@ -424,7 +424,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
         big_concurrencies=tuple(a.big_concurrency), max_tokens=a.max_tokens,
         requests_per_client=a.requests_per_client, min_requests=a.min_requests,
         compare_tokens=a.compare_tokens, rounds=a.rounds, big_rounds=a.big_rounds, venv=a.venv,
-        peer=not a.no_vllm, tiny=not a.no_tiny, big=not a.no_big, big_root=a.big_root, wait_s=a.wait_s, parts=("peers",),
+        peer=not a.no_vllm, tiny=not a.no_tiny, big=not a.no_big, big_root=a.big_root,
+        wait_s=a.wait_s, parts=("peers",),
         command=" ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),
     )  # fmt: skip
 

@@ -65,18 +65,18 @@ class Inbox:
         self.host = host
         self.key = secrets.token_hex(16)
         self.address: str | None = None  # "host:port" once listening
+        self.target: dict[str, str] = {}  # what a replica needs to connect, once listening
         self.queues: weakref.WeakValueDictionary[str, asyncio.Queue[Any]] = (
             weakref.WeakValueDictionary()
         )
         self.readers: set[_Reader] = set()  # open connections from replicas
         self._server: asyncio.Server | None = None
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> str:
         """Listen (once) on this node's address, on a free port; returns "host:port"."""
         if self.address is not None:
             return self.address
-        self._starting = self._starting or asyncio.Lock()
         async with self._starting:
             if self.address is None:
                 host = self.host or node_address()
@@ -84,6 +84,7 @@ class Inbox:
                 self._server = await loop.create_server(lambda: _Reader(self), host, 0)
                 port = self._server.sockets[0].getsockname()[1]
                 self.address = f"{host}:{port}"
+                self.target = {"address": self.address, "key": self.key}
                 log.info("stream events inbox listening on %s", self.address)
         return self.address
 
@@ -93,8 +94,7 @@ class Inbox:
         rid = secrets.token_hex(8)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self.queues[rid] = queue
-        target = {"address": self.address, "key": self.key}
-        response = handle.stream_to.remote(payload, target, rid)
+        response = handle.stream_to.remote(payload, self.target, rid)
         return ChannelStream(self, rid, queue, response)
 
     def deliver(self, pairs: Iterable[Any]) -> None:
