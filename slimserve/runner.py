@@ -262,17 +262,23 @@ def build(
 
 
 def _log_estimate(profile: Profile, names: list[str], log: Log) -> None:
-    """One line: the expected build time here, from a two-second training measurement."""
+    """One line: the expected build time here, from a few seconds' training measurement."""
     from slimserve.estimate import REFERENCE_FLOPS, estimate_seconds, measure_flops
 
     quick = estimate_seconds(profile, names, REFERENCE_FLOPS)
     if quick is not None and quick < 60:
         return  # a small build: not worth the measurement
-    flops = measure_flops()
-    seconds = estimate_seconds(profile, names, flops)
+    probe = measure_flops()
+    seconds = estimate_seconds(profile, names, probe.flops)
     speed = (
-        f"training at {flops / 1e9:.0f} GFLOP/s here, {flops / REFERENCE_FLOPS:.2f}x the reference"
+        f"training at {probe.flops / 1e9:.0f} GFLOP/s here, "
+        f"{probe.flops / REFERENCE_FLOPS:.2f}x the reference"
     )
+    if probe.disturbed:
+        speed += (
+            f"; the machine is busy: the probe's {probe.steps} steps ranged "
+            f"{probe.slowest / 1e9:.0f}-{probe.flops / 1e9:.0f} GFLOP/s, the fastest is used"
+        )
     if seconds is None:
         log(f"expected build time: unknown (a model's shape is not known before it loads); {speed}")
     else:

@@ -9,7 +9,15 @@ import pytest
 
 from slimserve.artifacts import ArtifactStore, Manifest, Metrics, write_manifest
 from slimserve.catalogue import load_profile
-from slimserve.estimate import REFERENCE_FLOPS, Shape, estimate_seconds, shape_of, training_flops
+from slimserve.estimate import (
+    REFERENCE_FLOPS,
+    Probe,
+    Shape,
+    estimate_seconds,
+    fastest_rate,
+    shape_of,
+    training_flops,
+)
 from slimserve.reports import read_report, write_report
 from slimserve.training_report import SAMPLE_PROMPTS, training_report
 
@@ -86,3 +94,56 @@ def test_estimate_counts_training_flops_from_the_catalogue():
     fast = estimate_seconds(profile, names, REFERENCE_FLOPS)
     slow = estimate_seconds(profile, names, REFERENCE_FLOPS / 3)
     assert fast is not None and slow == pytest.approx(3 * fast)
+
+
+def _sleeper(durations: list[float]):
+    """A probe step that takes each of `durations` seconds in turn (a real sleep)."""
+    import time
+
+    left = list(durations)
+    return lambda: time.sleep(left.pop(0))
+
+
+def test_a_one_off_slow_probe_step_does_not_inflate_the_estimate():
+    profile = load_profile(TINY)
+    names = ["teacher", "student"]
+    work = 1e9
+    steady = fastest_rate(_sleeper([0.02] * 5), work, 5)
+    # One step 20x slower, as when an install grabbed the cores for a moment.
+    burst = fastest_rate(_sleeper([0.02, 0.4, 0.02, 0.02, 0.02]), work, 5)
+    assert burst.disturbed and not steady.disturbed
+    calm = estimate_seconds(profile, names, steady.flops)
+    busy = estimate_seconds(profile, names, burst.flops)
+    assert calm is not None and busy is not None
+    assert busy < 1.3 * calm
+    # What the former probe (the mean of its steps) made of the same burst: 4.8x the time.
+    mean_rate = work / ((0.4 + 4 * 0.02) / 5)
+    assert estimate_seconds(profile, names, mean_rate) > 3 * calm
+
+
+def test_fastest_rate_reads_a_fake_clock_and_refuses_no_steps():
+    ticks = iter([0.0, 2.0, 2.0, 2.5, 2.5, 3.5])  # steps of 2 s, 0.5 s, 1 s
+    probe = fastest_rate(lambda: None, 10.0, 3, clock=lambda: next(ticks))
+    assert probe == Probe(flops=20.0, slowest=5.0, steps=3)
+    with pytest.raises(ValueError, match="steps"):
+        fastest_rate(lambda: None, 1.0, 0)
+
+
+def test_the_build_says_when_the_probe_saw_a_busy_machine(monkeypatch):
+    import slimserve.estimate as estimate
+    from slimserve.runner import _log_estimate
+
+    lines: list[str] = []
+    profile = load_profile(TINY)
+    busy = Probe(flops=REFERENCE_FLOPS / 2, slowest=REFERENCE_FLOPS / 20, steps=5)
+    monkeypatch.setattr(estimate, "measure_flops", lambda: busy)
+    _log_estimate(profile, ["teacher", "student"], lines.append)
+    assert len(lines) == 1
+    assert "0.50x the reference" in lines[0]
+    assert "busy" in lines[0] and "the fastest is used" in lines[0]
+    monkeypatch.setattr(
+        estimate, "measure_flops", lambda: Probe(REFERENCE_FLOPS, REFERENCE_FLOPS, 5)
+    )
+    lines.clear()
+    _log_estimate(profile, ["teacher", "student"], lines.append)
+    assert "busy" not in lines[0] and "1.00x the reference" in lines[0]
