@@ -81,6 +81,87 @@ def test_a_changed_serve_config_is_detected_then_regenerated(tmp_path: Path):
     assert now[now.index("  rayClusterConfig:") :] == before[rest:]
 
 
+# ---------------------------------------------------------------- the API key, from a Secret
+
+
+def api_key_env() -> str:
+    (app,) = serve_config()["applications"]
+    return app["args"]["ingress"]["api_key_env"]
+
+
+def key_entries(doc: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(pod group, the env items naming the ingress's key variable) for every container."""
+    return [
+        (group, [e for e in c.get("env", []) if e["name"] == api_key_env()])
+        for group, pod in pods(doc)
+        for c in pod["containers"]
+    ]
+
+
+def test_every_rayservice_container_reads_the_api_key_from_the_secret():
+    """The pods serve on 0.0.0.0: the ingress must require a key there, taken from a Secret
+    that must exist (not optional), never written into the manifest."""
+    doc = manifest("rayservice.yaml")
+    embedded = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    assert embedded["applications"][0]["args"]["ingress"]["api_key_env"] == api_key_env()
+    found = key_entries(doc)
+    assert [g for g, _ in found] == ["head", "gpu"]
+    for group, entries in found:
+        assert entries == [
+            {
+                "name": api_key_env(),
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": gen.API_KEY_SECRET,
+                        "key": gen.API_KEY_SECRET_KEY,
+                        "optional": False,
+                    }
+                },
+            }
+        ], group
+    text = (KUBERAY / "rayservice.yaml").read_text()
+    create = f"kubectl create secret generic {gen.API_KEY_SECRET}"
+    for where in (text, (ROOT / "docs" / "cluster.md").read_text()):
+        assert create in where and f"--from-literal={gen.API_KEY_SECRET_KEY}=" in where
+
+
+def test_a_missing_or_edited_key_entry_is_detected_then_regenerated(tmp_path: Path):
+    source = (KUBERAY / "rayservice.yaml").read_text()
+    target = tmp_path / "rayservice.yaml"
+    args = ["--manifest", str(target)]
+    # Dropped by hand, or turned into a plain value: both are stale, both come back as generated.
+    dropped = source.replace(f"- name: {api_key_env()}", "- name: UNRELATED")
+    inline = source.replace("optional: false", "optional: true")
+    for broken in (dropped, inline):
+        target.write_text(broken)
+        assert gen.main([*args, "--check"]) == 1
+        assert gen.main(args) == 0
+        assert gen.main([*args, "--check"]) == 0
+        entries = key_entries(yaml.safe_load(target.read_text()))
+        assert all(
+            len(e) == 1 and not e[0]["valueFrom"]["secretKeyRef"]["optional"] for _, e in entries
+        )
+    # Regenerating twice changes nothing, and every other env item stays.
+    assert gen.render_rayservice(source, serve_config()) == source
+    before = [
+        e for _, pod in pods(manifest("rayservice.yaml")) for e in pod["containers"][0]["env"]
+    ]
+    after = [
+        e
+        for _, pod in pods(yaml.safe_load(target.read_text()))
+        for e in pod["containers"][0]["env"]
+    ]
+    assert [e for e in after if e["name"] != "UNRELATED"] == before
+
+
+def test_serving_without_an_api_key_variable_is_refused():
+    config = serve_config()
+    del config["applications"][0]["args"]["ingress"]["api_key_env"]
+    with pytest.raises(ValueError, match="api_key_env"):
+        gen.render_rayservice((KUBERAY / "rayservice.yaml").read_text(), config)
+
+
 def test_replace_block_needs_exactly_one_serve_config_block():
     with pytest.raises(ValueError, match="found 0"):
         gen.replace_block("spec:\n  other: 1\n", "a: 1")
