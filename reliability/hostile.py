@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from reliability.matrix import MATRIX, OK, check
+
+if TYPE_CHECKING:
+    from reliability.context import Run
 
 CAPS = {"max_tokens": 8, "max_completion_tokens": 8, "max_new_tokens": 4, "n": 2}
 
@@ -124,4 +127,37 @@ def matrix(base: str) -> dict[str, Any]:
         "problems": problems,
         "answers_normally_after": healthy,
         "after_latency_s": round(time.monotonic() - t0, 3),
+    }
+
+
+def phase(run: Run) -> None:
+    """Schemathesis and the hand-written matrix: no 5xx, every error in the envelope."""
+    base, a = run.base, run.a
+    generated = fuzz(base, a.fuzz_examples)
+    mat = matrix(base)
+    rows = [
+        _hostile_row("schemathesis (positive + negative)", generated),
+        _hostile_row("hand-written matrix", mat),
+    ]
+    run.table("Hostile input", rows)
+    run.notes += [f"hostile: {p}" for p in generated["problems"] + mat["problems"]]
+    run.notes.append(
+        f"after the hostile input a normal request answered: {mat['answers_normally_after']}"
+    )
+    run.verdicts["hostile: zero 5xx, every error enveloped"] = (
+        not generated["problems"] and not mat["problems"]
+    )
+    run.verdicts["hostile: >= 500 generated cases"] = generated["cases"] >= 500
+    run.verdicts["hostile: answers normally afterwards"] = mat["answers_normally_after"]
+    errors = generated["server_errors"] + mat["server_errors"]
+    print("hostile:", generated["cases"], "generated,", mat["cases"], "matrix, 5xx:", errors)
+
+
+def _hostile_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "suite": name,
+        "cases": r["cases"],
+        "statuses": ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()),
+        "server_errors": r["server_errors"],
+        "problems": len(r["problems"]),
     }

@@ -3,7 +3,9 @@
 Each request ends in exactly one outcome: `ok`, `failed` (an HTTP error status, or a stream
 that ended with an error event and `[DONE]`: `mid_stream`, it had started), or `lost` (no
 answer at all: the connection broke, the client's own deadline passed, or a stream stopped
-without `[DONE]`). Arrivals are
+without `[DONE]`). A stream also records how many frames it had received, and whether an
+error event and `[DONE]` came, so a failure before the first frame (which the ingress
+should have retried) is told apart from one mid-way (which can only be reported). Arrivals are
 scheduled at a fixed rate regardless of how fast answers come back (open loop), so a slow
 or dead replica shows up as queueing and errors instead of quietly lowering the offered load.
 """
@@ -33,6 +35,9 @@ class Outcome:
     retry_after: str | None = None
     detail: str = ""
     mid_stream: bool = False  # a stream that failed after its status line (an error event)
+    frames: int = 0  # a stream's data frames before the end (the error event and [DONE] apart)
+    error_event: bool = False  # a stream's error event came
+    done: bool = False  # a stream's `data: [DONE]` came
 
     def label(self) -> str:
         """`503 server overloaded`: the status and the start of the error message, so a
@@ -97,20 +102,29 @@ async def plain(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: f
 async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: float) -> Outcome:
     start = time.monotonic()
     error: dict[str, Any] | None = None
-    done = False
+    frames, done = 0, False
+
+    def outcome(result: str, status: int | None, detail: str = "", **kw: Any) -> Outcome:
+        latency = time.monotonic() - start
+        return Outcome(
+            "stream",
+            start - t0,
+            latency,
+            result,
+            status,
+            detail=detail,
+            frames=frames,
+            error_event=error is not None,
+            done=done,
+            **kw,
+        )
+
     try:
         async with client.stream("POST", url, json={**body, "stream": True}) as r:
             if r.status_code != 200:
                 await r.aread()
-                return Outcome(
-                    "stream",
-                    start - t0,
-                    time.monotonic() - start,
-                    "failed",
-                    r.status_code,
-                    r.headers.get("retry-after"),
-                    r.text[:2000],
-                )
+                retry_after = r.headers.get("retry-after")
+                return outcome("failed", r.status_code, r.text[:2000], retry_after=retry_after)
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -118,19 +132,17 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], t0: 
                 if data == "[DONE]":
                     done = True
                 elif '"error"' in data:
-                    error = json.loads(data).get("error") or error
+                    error = json.loads(data).get("error") or {}
+                else:
+                    frames += 1
     except httpx.HTTPError as exc:
-        return Outcome(
-            "stream", start - t0, time.monotonic() - start, "lost", None, None, repr(exc)
-        )
-    latency = time.monotonic() - start
+        return outcome("lost", None, repr(exc))
     if not done:
-        return Outcome("stream", start - t0, latency, "lost", None, None, "no [DONE]")
+        return outcome("lost", None, "no [DONE]")
     if error is not None:
         detail = json.dumps({"error": error})
-        code = error.get("code")
-        return Outcome("stream", start - t0, latency, "failed", code, None, detail, True)
-    return Outcome("stream", start - t0, latency, "ok", 200)
+        return outcome("failed", error.get("code"), detail, mid_stream=True)
+    return outcome("ok", 200)
 
 
 async def steady(

@@ -6,8 +6,10 @@ It starts its own Ray (`address="local"`, so it never joins another cluster on t
 and Serve on a free port on 127.0.0.1, deploys the variant under test (the profile's default
 variant unless `--variant` names one) with two replicas (every other variant disabled), and
 runs, in order: broken artifacts (planner only), hostile input (schemathesis + the matrix),
-replica faults under load (ray.kill, then SIGKILL), the soak, and overload (the variant
-redeployed with a short queue, then an open-loop load past what it was measured to sustain).
+replica faults under load (ray.kill, then SIGKILL), the stream events channel cut under load,
+a flood of unauthenticated connections at the events inbox, the soak, overload (the variant
+redeployed with a short queue, then an open-loop load past what it was measured to sustain),
+and, once its own Serve is shut down, `serve run serve_config.yaml` crashed and restarted.
 It writes `reports/reliability.{json,md}` and exits 1 when a target is missed.
 `--quick` (or RELIABILITY_QUICK=1) shortens every phase for a smoke run.
 """
@@ -18,18 +20,19 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reliability import broken, faults, hostile, overload, soak
+from reliability import broken, channel_cut, faults, hostile, overload, preauth, restart, soak
+from reliability.context import APP, Run
 from slimserve.net import free_port
 
-APP = "reliability"
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
-# Overload runs last: it redeploys the variant with a short queue, which the others must not see.
-PHASES = ("broken", "hostile", "faults", "soak", "overload")
-BODY = {"prompt": "The Python interpreter", "max_tokens": 16, "temperature": 0.7}
+# Overload is the last on the run's Serve: it redeploys the variant with a short queue, which
+# the others must not see. Restart comes after the run's Serve is shut down (fixed ports).
+PHASES = (
+    "broken", "hostile", "faults", "channel_cut", "preauth_flood", "soak", "overload", "restart"
+)  # fmt: skip
 REPLICAS = 2
 VARIANT = {
     "enabled": True,
@@ -98,11 +101,18 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(PHASES),
         help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
     )
+    p.add_argument(
+        "--skip-restart",
+        action="store_true",
+        help="leave out the restart phase (it needs Serve's fixed ports 8000, 8404, 9101, 8500)",
+    )
     p.add_argument("--reports", default="reports", help="where reliability.{json,md} go")
     a = p.parse_args(argv)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
     if unknown := set(a.phases) - set(PHASES):
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if a.skip_restart:
+        a.phases = [x for x in a.phases if x != "restart"]
     a.soak_s = a.soak_s or (60.0 if a.quick else 600.0)
     a.fault_s = a.fault_s or (20.0 if a.quick else 60.0)
     a.fuzz_examples = (
@@ -110,6 +120,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     a.overload_s = 20.0 if a.quick else 30.0
     a.capacity_s = 5.0 if a.quick else 10.0  # the closed loop that measures what is sustained
+    a.cut_s = 10.0 if a.quick else 20.0  # the channel cut's load, cut every 5 s
+    # The pre-auth flood: connections, how many of them send, MiB each, seconds (per load).
+    a.flood_connections, a.flood_senders = (50, 5) if a.quick else (200, 20)
+    a.flood_mib, a.flood_s = 32.0, (10.0 if a.quick else 20.0)
     return a
 
 
@@ -131,7 +145,14 @@ def _start_serve() -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(serve_env())  # before Ray starts: every Ray process inherits them
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # Node address 127.0.0.1: the ingress's events inbox listens there, so the pre-auth flood
+    # only ever connects to a loopback address.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=180))
     return f"http://127.0.0.1:{port}"
@@ -165,29 +186,6 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-@dataclass
-class Run:
-    """One reliability run: its options and what the phases add to the report."""
-
-    a: argparse.Namespace
-    profile: str  # the catalogue's name
-    store: Path  # its artifact folder (artifacts/<profile>)
-    base: str = ""  # the Serve URL, once started
-    tables: list[Any] = field(default_factory=list)  # slimserve.reports.Table
-    notes: list[str] = field(default_factory=list)
-    verdicts: dict[str, bool] = field(default_factory=dict)
-    t_start: float = field(default_factory=time.monotonic)
-
-    @property
-    def body(self) -> dict[str, Any]:
-        return {**BODY, "model": self.a.variant}
-
-    def table(self, title: str, rows: list[dict[str, Any]]) -> None:
-        from slimserve.reports import Table
-
-        self.tables.append(Table.from_records(title, rows))
-
-
 def main(argv: list[str] | None = None) -> int:
     from deployments.app import plan
 
@@ -203,15 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     run.notes.append(f"Serve switches from serve_config.yaml: {serve_env() or 'none'}")
     if "broken" in a.phases:
         _broken(run)
-    run.base = _start_serve()
-    try:
-        _deploy(a, VARIANT)
-        for name, phase in SERVED_PHASES.items():
-            if name in a.phases:
-                run.notes.append(f"load average before {name}: {_load()}")
-                phase(run)
-    finally:
-        _stop_serve()
+    if set(SERVED_PHASES) & set(a.phases):
+        run.base = _start_serve()
+        try:
+            _deploy(a, VARIANT)
+            for name, phase in SERVED_PHASES.items():
+                if name in a.phases:
+                    run.notes.append(f"load average before {name}: {_load()}")
+                    phase(run)
+        finally:
+            _stop_serve()
+    if "restart" in a.phases:
+        run.notes.append(f"load average before restart: {_load()}")
+        restart.phase(run)
     return _report(run)
 
 
@@ -313,12 +315,14 @@ def _report(run: Run) -> int:
     run.notes.append(
         f"mode: {'quick' if a.quick else 'full'}; phases {','.join(a.phases)}; "
         f"soak {a.soak_s:g} s; faults {a.rate:g} req/s for {a.fault_s:g} s each; "
-        f"variant {a.variant} x {REPLICAS} replicas"
+        f"channel cut {a.rate:g} req/s for {a.cut_s:g} s; pre-auth flood "
+        f"{a.flood_connections} connections ({a.flood_senders} x {a.flood_mib:g} MiB) for "
+        f"{a.flood_s:g} s; variant {a.variant} x {REPLICAS} replicas"
     )
     report = new_report(
         "reliability",
         kind="reliability",
-        title=f"Reliability: faults, overload, soak, hostile input ({run.profile})",
+        title=f"Reliability: faults, overload, soak, hostile input, restart ({run.profile})",
         tables=tables,
         notes=run.notes,
     )
@@ -330,40 +334,14 @@ def _report(run: Run) -> int:
     return 1 if missed else 0
 
 
-def _hostile(run: Run) -> None:
-    """Schemathesis and the hand-written matrix: no 5xx, every error in the envelope."""
-    base, a = run.base, run.a
-    fuzz = hostile.fuzz(base, a.fuzz_examples)
-    mat = hostile.matrix(base)
-    rows = [
-        _hostile_row("schemathesis (positive + negative)", fuzz),
-        _hostile_row("hand-written matrix", mat),
-    ]
-    run.table("Hostile input", rows)
-    run.notes += [f"hostile: {p}" for p in fuzz["problems"] + mat["problems"]]
-    run.notes.append(
-        f"after the hostile input a normal request answered: {mat['answers_normally_after']}"
-    )
-    run.verdicts["hostile: zero 5xx, every error enveloped"] = (
-        not fuzz["problems"] and not mat["problems"]
-    )
-    run.verdicts["hostile: >= 500 generated cases"] = fuzz["cases"] >= 500
-    run.verdicts["hostile: answers normally afterwards"] = mat["answers_normally_after"]
-    errors = fuzz["server_errors"] + mat["server_errors"]
-    print("hostile:", fuzz["cases"], "generated,", mat["cases"], "matrix, 5xx:", errors)
-
-
-def _hostile_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "suite": name,
-        "cases": r["cases"],
-        "statuses": ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()),
-        "server_errors": r["server_errors"],
-        "problems": len(r["problems"]),
-    }
-
-
-SERVED_PHASES = {"hostile": _hostile, "faults": _faults, "soak": _soak, "overload": _overload}
+SERVED_PHASES = {
+    "hostile": hostile.phase,
+    "faults": _faults,
+    "channel_cut": channel_cut.phase,
+    "preauth_flood": preauth.phase,
+    "soak": _soak,
+    "overload": _overload,
+}
 
 
 if __name__ == "__main__":

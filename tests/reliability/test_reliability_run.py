@@ -1,5 +1,6 @@
 """`make reliability`'s driver without Serve: its options, the phase order, the variant it
-picks by default, and the overload phase's figures from a tally."""
+picks by default, and the overload phase's figures from a tally (the newer phases:
+test_cut_flood_restart.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ from reliability.load import Outcome, Tally
 
 
 @pytest.mark.timeout(10)
-def test_overload_runs_last_and_every_served_phase_has_a_runner():
-    assert run.PHASES[-1] == "overload"  # it redeploys the variant with a short queue
-    assert list(run.SERVED_PHASES) == list(run.PHASES[1:])
+def test_overload_runs_last_on_the_runs_serve_and_restart_after_it():
+    served = [p for p in run.PHASES if p in run.SERVED_PHASES]
+    assert served[-1] == "overload"  # it redeploys the variant with a short queue
+    assert run.PHASES[-1] == "restart"  # Serve's fixed ports: after the run's Serve is gone
+    assert list(run.SERVED_PHASES) == list(run.PHASES[1:-1])
+
+
+@pytest.mark.timeout(10)
+def test_quick_shortens_the_new_phases_and_restart_can_be_left_out():
+    full, quick = run._args([]), run._args(["--quick"])
+    assert (full.flood_connections, full.flood_senders, full.flood_mib) == (200, 20, 32.0)
+    assert quick.flood_connections < full.flood_connections and quick.flood_senders > 0
+    assert quick.flood_mib == 32.0 and quick.flood_s < full.flood_s
+    assert quick.cut_s < full.cut_s
+    assert "restart" in full.phases
+    assert "restart" not in run._args(["--skip-restart"]).phases
 
 
 @pytest.mark.timeout(10)
