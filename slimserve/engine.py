@@ -11,7 +11,11 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
 2. the running rows decode one token (`runtime.decode`);
 3. newly admitted requests are prefilled together and `merge`d in behind the running rows,
    so they join the next decode step (iteration-level batching, as vLLM and TGI do);
-4. one vectorised `sample` picks a token for every row (prefilled rows get their first token).
+4. one vectorised `sample` picks a token for every row (prefilled rows get their first token);
+5. only for the rows that ask: the raw logprobs of the picks (`slimserve.sampling_logprobs`),
+   and for requests that ask for their prompt's logprobs one full forward pass over the prompt
+   (`Runtime.score`; every runtime's prefill keeps only the last position's logits). A request
+   with `max_tokens` 0 is only scored: it never joins the batch.
 
 Overlap (`EngineConfig.overlap`, on by default for a GPU runtime only) plans and launches the
 next step before this step's tokens become text; its limits are described there.
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from slimserve.engine_batch import BatchWorker, LaunchedStep, StepPlan
+from slimserve.engine_batch import BatchWorker, LaunchedStep, StepOutput, StepPlan
 from slimserve.engine_request import Request, RequestStream, prompt_ids
 from slimserve.engine_types import (
     Completion,
@@ -57,7 +61,8 @@ from slimserve.engine_types import (
     Timings,
 )
 from slimserve.runtimes.base import Runtime
-from slimserve.sampling import SamplingParams
+from slimserve.sampling import ParameterError, SamplingParams
+from slimserve.sampling_logprobs import TokenLogprob
 from slimserve.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,7 @@ class Engine:
         self.vocab_size = runtime.info.vocab_size
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # in KV-state row order
+        self._scoring: list[Request] = []  # max_tokens 0: in a step's scoring, not in the batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
@@ -182,6 +188,17 @@ class Engine:
             vocab_size=self.vocab_size,
             context_length=self.context_length,
         )
+        if params.prompt_logprobs is not None and not callable(
+            getattr(self.runtime, "score", None)
+        ):
+            raise ParameterError(
+                [
+                    (
+                        "prompt_logprobs",
+                        f"the {self.runtime.info.runtime} runtime cannot score a prompt",
+                    )
+                ]
+            )
         self._ensure_started()
         live = sum(not (r.done or r.cancelled) for r in self._running)
         free = max(0, self.config.max_batch_size - live)
@@ -266,21 +283,22 @@ class Engine:
                 if pending is None:
                     continue
             try:
-                tokens = await asyncio.wrap_future(pending.future)
+                out = await asyncio.wrap_future(pending.future)
             except Exception as exc:  # an engine fault: fail this batch, keep serving
                 log.exception("engine step failed")
                 self._batch.drop()
-                for req in self._running:
+                for req in self._running + pending.score_only:
                     err = EngineError(f"model step failed: {exc!r}")
                     err.__cause__ = exc
                     self._finish(req, err, "error")
                 self._running = []
+                self._scoring = [r for r in self._scoring if r not in pending.score_only]
                 pending = None
                 continue
             done, pending = pending, None
-            if self._overlap and not any(r.params.repetition_penalty != 1.0 for r in done.rows):
+            if self._overlap and not any(r.params.penalised for r in done.rows):
                 pending = self._launch(ahead=True)
-            self._collect(done, tokens)
+            self._collect(done, out)
             await asyncio.sleep(0)  # let consumers and submitters run between steps
 
     @property
@@ -301,21 +319,42 @@ class Engine:
         if plan is None:
             return None
         self._inflight = self._executor.submit(self._batch.step, plan)  # type: ignore[union-attr]
+        scored = [r for r in admitted if r.params.prompt_logprobs is not None]
+        score_only = [r for r in admitted if r.params.max_tokens == 0]
+        self._scoring += score_only
         return LaunchedStep(
-            self._inflight, list(self._running), admitted, removed, n_decode, time.perf_counter()
+            self._inflight,
+            list(self._running),
+            admitted,
+            scored,
+            score_only,
+            removed,
+            n_decode,
+            time.perf_counter(),
         )
 
-    def _collect(self, step: LaunchedStep, tokens: list[int]) -> None:
+    def _collect(self, step: LaunchedStep, out: StepOutput) -> None:
         """A finished step's tokens to text, on the loop (maybe while the next step runs)."""
         self._counts["steps"] += 1
         now = time.perf_counter()
-        for req, tok in zip(step.rows, tokens, strict=True):
-            self._on_token(req, tok, now)
+        for req, entries in zip(step.scored, out.prompts, strict=True):
+            req.set_prompt_logprobs(entries)
+        lps = iter(out.logprobs or ())
+        for req, tok in zip(step.rows, out.tokens, strict=True):
+            lp = next(lps) if req.params.logprobs is not None else None
+            self._on_token(req, tok, now, lp)
+        for req in step.score_only:
+            if req in self._scoring:
+                self._scoring.remove(req)
+            if req.cancelled:
+                self._finish(req, None, "cancelled")
+            elif not req.done:
+                self._finish(req, None, req.finish_scored())
         self._counts["peak"] = max(self._counts["peak"], len(step.rows))
         self._emit_step(
             StepInfo(
                 step=self._counts["steps"],
-                batch_size=len(tokens),
+                batch_size=len(out.tokens),
                 decoded=step.n_decode,
                 prefilled=len(step.admitted),
                 removed=step.removed,
@@ -360,19 +399,32 @@ class Engine:
                 continue
             req.t_start = time.perf_counter()
             admitted.append(req)
-        self._running = kept + admitted
-        if not self._running:
+        joining = [r for r in admitted if r.params.max_tokens > 0]
+        self._running = kept + joining
+        if not self._running and len(joining) == len(admitted):
             if removed:  # the worker still holds the rows' cache: drop it now
                 self._batch.drop()
             return None, admitted, removed, 0
         rows = self._running
-        penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
+        repeated = any(r.params.repetition_penalty != 1.0 for r in rows)
+        counted = any(r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+        asked = [
+            (i, r.params.logprobs) for i, r in enumerate(rows) if r.params.logprobs is not None
+        ]
         plan = StepPlan(
             keep=None if removed == 0 else keep,
-            prefill=[r.prompt_ids for r in admitted],
+            prefill=[r.prompt_ids for r in joining],
             params=[r.params for r in rows],
             generators=[r.generator for r in rows],
-            seen=[r.seen for r in rows] if penalised else None,
+            seen=[r.seen for r in rows] if repeated else None,
+            outputs=[r.token_ids for r in rows] if counted else None,
+            logprob_rows=[i for i, _ in asked],
+            logprob_ks=[k for _, k in asked],  # type: ignore[misc]
+            score=[
+                (r.prompt_ids, r.params.prompt_logprobs)  # type: ignore[misc]
+                for r in admitted
+                if r.params.prompt_logprobs is not None
+            ],
         )
         for req in admitted:
             self._prompt_tokens += len(req.prompt_ids)
@@ -386,12 +438,12 @@ class Engine:
 
     # -- tokens to text -----------------------------------------------------------------------
 
-    def _on_token(self, req: Request, tok: int, now: float) -> None:
+    def _on_token(self, req: Request, tok: int, now: float, logprob: TokenLogprob | None) -> None:
         if req.done:
             return
         req.token_s.append(now - req.t_submit)
         self._gen_tokens += 1
-        reason = req.add_token(tok, self.tokenizer.eos_token_id, self.context_length)
+        reason = req.add_token(tok, self.tokenizer.eos_token_id, self.context_length, logprob)
         if reason is not None:
             self._finish(req, None, reason)
 
@@ -420,10 +472,11 @@ class Engine:
                 log.exception("on_step callback failed")
 
     def _fail_all(self, error: BaseException) -> None:
-        for req in list(self._waiting) + self._running:
+        for req in list(self._waiting) + self._running + self._scoring:
             self._finish(req, error, "error" if not req.cancelled else "cancelled")
         self._waiting.clear()
         self._running = []
+        self._scoring = []
         self._batch.drop()
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from slimserve.runtimes.base import KVState, Runtime, merge, select
 from slimserve.sampling import SamplingParams, sample
+from slimserve.sampling_logprobs import TokenLogprob, prompt_logprobs, step_logprobs
 
 if TYPE_CHECKING:
     from slimserve.engine_request import Request
@@ -24,6 +25,19 @@ class StepPlan:
     params: list[SamplingParams]  # every row after the step: kept rows, then prefilled ones
     generators: list[torch.Generator]
     seen: list[list[int]] | None  # per row, only when some row has a repetition penalty
+    outputs: list[list[int]] | None = None  # per row, when some row has a presence/frequency one
+    logprob_rows: list[int] = field(default_factory=list)  # rows that report logprobs
+    logprob_ks: list[int] = field(default_factory=list)  # their top-k, in the same order
+    score: list[tuple[list[int], int]] = field(default_factory=list)  # (prompt, top-k) to score
+
+
+@dataclass
+class StepOutput:
+    """What one step gives back to the loop."""
+
+    tokens: list[int]  # one per row
+    logprobs: list[TokenLogprob] | None  # one per `plan.logprob_rows` entry (None: none asked)
+    prompts: list[list[TokenLogprob]]  # one per `plan.score` entry
 
 
 @dataclass
@@ -33,6 +47,8 @@ class LaunchedStep:
     future: Future
     rows: list[Request]
     admitted: list[Request]
+    scored: list[Request]  # whose prompts the step scores (`StepPlan.score`), in that order
+    score_only: list[Request]  # requests that generate nothing (max_tokens 0): end with the step
     removed: int
     n_decode: int
     t0: float
@@ -54,9 +70,11 @@ class BatchWorker:
         """Forget the batch (every row left, or a step failed)."""
         self._state, self._last = None, None
 
-    def step(self, plan: StepPlan) -> list[int]:
-        """Select, decode, prefill + merge, sample. Returns one id per row."""
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Select, decode, prefill + merge, sample, then the logprobs asked for and the
+        prompts to score (a full forward pass each, `Runtime.score`)."""
         with torch.inference_mode():
+            prompts = [self._score(ids, k) for ids, k in plan.score]
             state, last = self._state, self._last
             if plan.keep is not None and state is not None and last is not None:
                 if plan.keep:
@@ -73,7 +91,17 @@ class BatchWorker:
                 logits, fresh = self.runtime.prefill(plan.prefill)
                 parts.append(logits)
                 state = fresh if state is None else self._merge(state, fresh)
+            if not parts:  # a step that only scores prompts: no row is running
+                self._state, self._last = None, None
+                return StepOutput([], None, prompts)
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-            tokens = sample(logits, plan.params, plan.generators, plan.seen)  # (B,)
+            tokens = sample(logits, plan.params, plan.generators, plan.seen, plan.outputs)  # (B,)
             self._state, self._last = state, tokens
-            return tokens.tolist()
+            logprobs = None
+            if plan.logprob_rows:  # raw: the runtime's logits, before any penalty
+                logprobs = step_logprobs(logits, tokens, plan.logprob_rows, plan.logprob_ks)
+            return StepOutput(tokens.tolist(), logprobs, prompts)
+
+    def _score(self, ids: list[int], k: int) -> list[TokenLogprob]:
+        logits = self.runtime.score(torch.tensor([ids], dtype=torch.long))[0]  # (T, V)
+        return prompt_logprobs(logits, ids, k)

@@ -9,6 +9,9 @@ text before it (OpenAI semantics); while streaming, any suffix that could start 
 is held back until it cannot. EOS ends a request with "stop" and is not part of the output
 (neither text nor token_ids); `token_ids` hold every other generated id, including those of
 a stop string that was cut from the text.
+
+Logprobs (when `params.logprobs` is set) follow `token_ids` one for one, in the chunks and in
+the completion; prompt logprobs (`params.prompt_logprobs`) ride on the request's first chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 
 from slimserve.engine_types import Completion, FinishReason, RequestMetrics, StreamChunk, Timings
 from slimserve.sampling import ParameterError, SamplingParams
+from slimserve.sampling_logprobs import TokenLogprob
 from slimserve.textstream import IncrementalDetokenizer, find_stop, held_suffix
 from slimserve.tokenizer import TextTokenizer
 
@@ -69,6 +73,9 @@ class Request:
         self.generator = params.make_generator()
         self.seen = list(prompt_ids)  # prompt + output ids, for the repetition penalty
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self._prompt_unsent = False  # prompt logprobs not yet on a chunk
         self.detok = IncrementalDetokenizer(tok)
         self.emitted = ""  # text already streamed
         self.searched = 0  # stable text already searched for stop strings
@@ -85,15 +92,32 @@ class Request:
 
     def put(self, item: StreamChunk | BaseException) -> None:
         """Hand an item to the consumer (ignored when its event loop is already closed)."""
+        if isinstance(item, StreamChunk) and self._prompt_unsent:
+            item.prompt_logprobs, self._prompt_unsent = self.prompt_logprobs, False
         with contextlib.suppress(RuntimeError):
             self.queue.put_nowait(item)
 
-    def add_token(self, tok: int, eos: int, context_length: int) -> FinishReason | None:
-        """Take one sampled id: queue its text delta, or the final chunk when the id ends the
-        request (EOS, a stop string, `max_tokens` or the context); returns why it ended."""
+    def set_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """The scored prompt's entries: on the next chunk, and in the completion."""
+        self.prompt_logprobs, self._prompt_unsent = entries, True
+
+    def finish_scored(self) -> FinishReason:
+        """End a request that generates nothing (max_tokens 0) once its prompt is scored."""
+        return self._finish_text([], "length")
+
+    def add_token(
+        self, tok: int, eos: int, context_length: int, logprob: TokenLogprob | None = None
+    ) -> FinishReason | None:
+        """Take one sampled id (and its logprob entry, when asked for): queue its text delta,
+        or the final chunk when the id ends the request (EOS, a stop string, `max_tokens` or
+        the context); returns why it ended."""
         if tok == eos and not self.params.ignore_eos:
             return self._finish_text([], "stop")
         self.token_ids.append(tok)
+        lps = None
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+            lps = [logprob]
         self.seen.append(tok)
         self.detok.add(tok)
         stops = self.params.stop
@@ -102,18 +126,22 @@ class Request:
             cut = find_stop(stable, stops, max(0, self.searched - self.max_stop + 1))
             self.searched = len(stable)
             if cut >= 0:
-                return self._finish_text([tok], "stop", stable[:cut])
+                return self._finish_text([tok], "stop", stable[:cut], lps)
         n = len(self.token_ids)
         if n >= self.params.max_tokens or len(self.prompt_ids) + n >= context_length:
-            return self._finish_text([tok], "length")
+            return self._finish_text([tok], "length", None, lps)
         show = stable[: len(stable) - held_suffix(stable, stops)] if stops else stable
         delta = show[len(self.emitted) :]
         self.emitted = show if len(show) > len(self.emitted) else self.emitted
-        self.put(StreamChunk(delta, [tok]))
+        self.put(StreamChunk(delta, [tok], logprobs=lps))
         return None
 
     def _finish_text(
-        self, ids: list[int], reason: FinishReason, text: str | None = None
+        self,
+        ids: list[int],
+        reason: FinishReason,
+        text: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> FinishReason:
         """Final chunk: flush what was held back (cut at a stop string)."""
         if text is None:
@@ -122,7 +150,9 @@ class Request:
             if cut >= 0:
                 text = text[:cut]
         self.final_text = text
-        self.put(StreamChunk(text[len(self.emitted) :], ids, reason))
+        if logprobs is None and self.logprobs is not None:
+            logprobs = []  # the EOS-final chunk: no token, so no entry
+        self.put(StreamChunk(text[len(self.emitted) :], ids, reason, logprobs))
         self.emitted = text
         self.finish_reason = reason
         return reason
@@ -161,6 +191,8 @@ class Request:
             completion_tokens=len(self.token_ids),
             finish_reason=self.finish_reason,
             timings=self.timings(),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from slimserve.sampling import ParameterError
+from slimserve.sampling_logprobs import TokenLogprob
 
 FinishReason = Literal["stop", "length"]
 
@@ -47,8 +48,8 @@ class EngineConfig:
     measured no gain under Serve and a slower lone request). The next step cannot know yet
     which rows that text work will end: rows ending by `max_tokens` or the context are left
     out (known from the counts), and a row ending on EOS or a stop string decodes one more
-    token that is thrown away. With a repetition penalty in the batch the next step needs this
-    step's tokens, so the two run in turn."""
+    token that is thrown away. With a penalty (repetition, presence, frequency) in the batch
+    the next step needs this step's tokens, so the two run in turn."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +70,8 @@ class StreamChunk:
     text: str  # new text since the previous chunk
     token_ids: list[int]  # ids generated since the previous chunk ([] for the EOS-final chunk)
     finish_reason: FinishReason | None = None  # set on the last chunk only
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked for
 
 
 @dataclass
@@ -98,6 +101,10 @@ class Completion:
     completion_tokens: int
     finish_reason: FinishReason
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = (
+        None  # one per prompt token (params.prompt_logprobs)
+    )
 
 
 @dataclass

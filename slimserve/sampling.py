@@ -1,7 +1,7 @@
 """Sampling parameters and one vectorised sampler for a whole batch.
 
 Every row of a running batch carries its own `SamplingParams`, so `sample` works per row but
-does the heavy work (penalty, temperature, top-k, top-p, inverse-CDF draw) as batched tensor
+does the heavy work (penalties, temperature, top-k, top-p, inverse-CDF draw) as batched tensor
 ops. Randomness comes from one `torch.Generator` per request drawing one uniform number per
 step on the CPU, so a seeded request gives the same tokens alone or in any batch, on any device.
 """
@@ -50,7 +50,8 @@ class SamplingParams:
     """
 
     max_tokens: int = 16
-    """Most tokens to generate (>= 1); prompt + max_tokens must fit the context."""
+    """Most tokens to generate (>= 1); prompt + max_tokens must fit the context. 0 only with
+    `prompt_logprobs`: the prompt is scored, nothing is generated, the request ends "length"."""
     temperature: float = 1.0
     """0 means greedy (argmax); otherwise logits are divided by it (finite, >= 0)."""
     top_p: float = 1.0
@@ -59,6 +60,17 @@ class SamplingParams:
     """Keep the k most likely tokens; 0 disables it, 1 is exactly greedy."""
     repetition_penalty: float = 1.0
     """CTRL-style penalty on tokens already in the prompt or output; 1 disables it."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already generated (in [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per earlier occurrence of the token in the output ([-2, 2])."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and the `logprobs` most likely
+    alternatives (0-20); None = off. Raw: log-softmax of the model's logits, before
+    temperature and penalties (`slimserve.sampling_logprobs`)."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt position after the first (0-20; None = off); costs one more
+    forward pass over the prompt (`Runtime.score`)."""
     seed: int | None = None
     """Seed of this request's own generator: the same seed gives the same tokens."""
     stop: list[str] = field(default_factory=list)
@@ -80,12 +92,29 @@ class SamplingParams:
         """True when the pick is the argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        """True when sampling needs the tokens seen so far (some penalty is on)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
     def problems(self) -> list[tuple[str, str]]:
         """Every (field, message) that is wrong; empty when the parameters are valid."""
         out: list[tuple[str, str]] = []
         n, t = self.max_tokens, self.temperature
-        if not _is_int(n) or n not in bounds.MAX_TOKENS:
-            out.append(("max_tokens", f"must be an integer {bounds.MAX_TOKENS.text()}, got {n!r}"))
+        if not _is_int(n) or not (
+            n in bounds.MAX_TOKENS or (n == 0 and self.prompt_logprobs is not None)
+        ):
+            out.append(
+                (
+                    "max_tokens",
+                    f"must be an integer {bounds.MAX_TOKENS.text()} (0 only with "
+                    f"prompt_logprobs), got {n!r}",
+                )
+            )
         if not _is_real(t) or not math.isfinite(t) or t not in bounds.TEMPERATURE:
             out.append(
                 ("temperature", f"must be finite and {bounds.TEMPERATURE.text()}, got {t!r}")
@@ -97,6 +126,16 @@ class SamplingParams:
         rp, rp_range = self.repetition_penalty, bounds.REPETITION_PENALTY
         if not _is_real(rp) or not math.isfinite(rp) or rp not in rp_range:
             out.append(("repetition_penalty", f"must be finite and {rp_range.text()}, got {rp!r}"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or v not in bounds.PENALTY:
+                out.append((name, f"must be {bounds.PENALTY.text()}, got {v!r}"))
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v not in bounds.LOGPROBS):
+                out.append(
+                    (name, f"must be None or an integer {bounds.LOGPROBS.text()}, got {v!r}")
+                )
         if self.seed is not None and (
             not _is_int(self.seed) or not (_SEED_MIN <= self.seed <= _SEED_MAX)
         ):
@@ -147,6 +186,39 @@ def apply_repetition_penalty(
     logits.index_copy_(0, index, sub)
 
 
+def apply_count_penalties(
+    logits: torch.Tensor,
+    rows: list[int],
+    presence: list[float],
+    frequency: list[float],
+    outputs: Sequence[Sequence[int]],
+) -> None:
+    """In place, OpenAI's formula for each listed row r with output counts c (V,):
+    `logits[r] -= c * frequency + (c > 0) * presence`.
+
+    `logits` (B, V) float32; `outputs[r]` the ids row r has generated so far (not its prompt).
+    Counts are built for all listed rows at once: ids padded to the longest output, the padding
+    weighted 0 in one `scatter_add_`.
+    """
+    keep = [i for i, r in enumerate(rows) if len(outputs[r]) > 0]
+    if not keep:
+        return
+    rows = [rows[i] for i in keep]
+    device = logits.device
+    width = max(len(outputs[r]) for r in rows)
+    padded = [list(outputs[r]) + [0] * (width - len(outputs[r])) for r in rows]
+    weight = [[1.0] * len(outputs[r]) + [0.0] * (width - len(outputs[r])) for r in rows]
+    ids = torch.tensor(padded, dtype=torch.long, device=device)  # (R, L)
+    counts = torch.zeros((len(rows), logits.shape[1]), dtype=logits.dtype, device=device)
+    counts.scatter_add_(1, ids, torch.tensor(weight, dtype=logits.dtype, device=device))  # (R, V)
+    freq = torch.tensor([frequency[i] for i in keep], dtype=logits.dtype, device=device)
+    pres = torch.tensor([presence[i] for i in keep], dtype=logits.dtype, device=device)
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    sub = logits.index_select(0, index)  # (R, V)
+    sub -= counts * freq.unsqueeze(1) + (counts > 0).to(logits.dtype) * pres.unsqueeze(1)
+    logits.index_copy_(0, index, sub)
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, (B, V) -> (B,) int64, like `logits.argmax(dim=-1)`.
 
@@ -164,13 +236,16 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     previous: Sequence[Sequence[int]] | None = None,
+    outputs: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Pick one token per row; returns (B,) int64 on the logits' device.
 
-    logits: (B, V) (any float dtype; sampled in float32). params[r] / generators[r] belong to
-    row r; a None generator uses torch's global RNG. previous[r] lists the ids row r has seen
-    (needed only when some row has repetition_penalty != 1).
-    Greedy rows (temperature 0 or top_k 1) take the argmax after the penalty, so top_k=1
+    logits: (B, V) (any float dtype; sampled in float32; never written). params[r] /
+    generators[r] belong to row r; a None generator uses torch's global RNG. previous[r]
+    lists the ids row r has seen, prompt and output (needed only when some row has
+    repetition_penalty != 1); outputs[r] the ids it generated (only when some row has a
+    presence or frequency penalty).
+    Greedy rows (temperature 0 or top_k 1) take the argmax after the penalties, so top_k=1
     equals greedy exactly.
     """
     batch, vocab = logits.shape
@@ -178,14 +253,27 @@ def sample(
         raise ValueError(f"sample: {batch} rows but {len(params)} params, {len(generators)} gens")
     given = logits
     logits = logits.float()
-    pen_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if pen_rows:
+    rep_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
+    count_rows = [
+        r for r, p in enumerate(params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    ]
+    if (rep_rows or count_rows) and logits is given:
+        logits = logits.clone()  # float() returned the caller's tensor: do not penalise it
+    if rep_rows:
         if previous is None:
             raise ValueError("sample: repetition_penalty needs the previous tokens of each row")
-        if logits is given:  # float() returned the caller's tensor: do not penalise it in place
-            logits = logits.clone()
         apply_repetition_penalty(
-            logits, pen_rows, [params[r].repetition_penalty for r in pen_rows], previous
+            logits, rep_rows, [params[r].repetition_penalty for r in rep_rows], previous
+        )
+    if count_rows:
+        if outputs is None:
+            raise ValueError("sample: presence/frequency penalties need each row's output ids")
+        apply_count_penalties(
+            logits,
+            count_rows,
+            [params[r].presence_penalty for r in count_rows],
+            [params[r].frequency_penalty for r in count_rows],
+            outputs,
         )
     out = argmax_rows(logits)  # (B,) greedy for every row; sampled rows are overwritten
     rand_rows = [r for r, p in enumerate(params) if not p.greedy]

@@ -39,7 +39,13 @@ class Range:
 
 
 MAX_TOKENS = Range(1)
+"""The engine also takes 0 with prompt_logprobs (score the prompt, generate nothing), which the
+HTTP edge allows only on `/v1/completions` with `echo`."""
 TEMPERATURE = Range(0.0)
 TOP_P = Range(0.0, low_open=True, high=1.0)
 TOP_K = Range(0)
 REPETITION_PENALTY = Range(0.0, low_open=True)
+PENALTY = Range(-2.0, high=2.0)
+"""presence_penalty and frequency_penalty: OpenAI's documented range."""
+LOGPROBS = Range(0, high=20)
+"""Alternatives returned per position (OpenAI's cap): logprobs, top_logprobs, prompt_logprobs."""

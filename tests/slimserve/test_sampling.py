@@ -168,11 +168,14 @@ def test_protocol_and_engine_share_the_sampling_bounds():
     from slimserve.sampling import ParameterError, SamplingParams
 
     for name, bad in [
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("temperature", -0.5),
         ("top_p", 0.0),
         ("top_k", -1),
         ("repetition_penalty", 0.0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("logprobs", 21),
     ]:
         with pytest.raises(ParameterError, match=name):
             SamplingParams(**{name: bad})
@@ -190,3 +193,30 @@ def test_argmax_rows_matches_torch_first_maximum_and_dtypes():
     assert torch.equal(got, logits.argmax(dim=-1)) and got[3] == 7 and got[5] == 0
     half = logits.half()  # other dtypes go to torch unchanged
     assert torch.equal(argmax_rows(half), half.argmax(dim=-1))
+
+
+def test_count_penalties_follow_openais_formula():
+    """logits[j] -= c[j] * frequency + (c[j] > 0) * presence, per row, outputs only."""
+    from slimserve.sampling import apply_count_penalties
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 10, generator=gen)
+    outputs = [[2, 2, 5], [], [7, 2, 7, 7]]
+    expected = logits.clone()
+    for row, (pres, freq) in zip((0, 2), ((0.5, 1.5), (-1.0, 2.0)), strict=True):
+        for tok in set(outputs[row]):
+            expected[row, tok] -= outputs[row].count(tok) * freq + pres
+    got = logits.clone()
+    apply_count_penalties(got, [0, 1, 2], [0.5, 2.0, -1.0], [1.5, 2.0, 2.0], outputs)
+    assert torch.allclose(got, expected)  # row 1 has no output yet: untouched
+
+
+def test_sample_applies_count_penalties_without_touching_the_callers_logits():
+    logits = torch.tensor([[5.0, 4.0, 0.0]])
+    before = logits.clone()
+    pick = sample(
+        logits, [SamplingParams(temperature=0, frequency_penalty=2.0)], [None], None, [[0]]
+    )
+    assert pick.tolist() == [1] and torch.equal(logits, before)
+    with pytest.raises(ValueError, match="output"):
+        sample(logits, [SamplingParams(temperature=0, presence_penalty=1.0)], [None])
