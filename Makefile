@@ -29,6 +29,7 @@ artifacts: $(STAMP)  ## build the default profile's variants (slimserve build)
 
 demo: artifacts  ## build the tiny profile, then serve it (:8000) with the dashboard (:8501)
 	@echo "serving on http://127.0.0.1:8000 (OpenAI API), dashboard on http://127.0.0.1:8501; Ctrl-C stops both"
+	$(BIN)/python -m deployments.preflight serve_config.yaml
 	$(BIN)/serve run serve_config.yaml & serve_pid=$$!; \
 	trap 'kill $$serve_pid 2>/dev/null; wait $$serve_pid 2>/dev/null' EXIT INT TERM; \
 	$(MAKE) --no-print-directory dashboard
@@ -58,7 +59,10 @@ screenshots: artifacts  ## regenerate docs/screenshots/ from the browser test (n
 
 .PHONY: serve
 
+# The preflight stops a HAProxy that a crashed Serve left holding :8000 (and names anything
+# else on Serve's ports) before `serve run` trips over it: deployments/preflight.py.
 serve: $(STAMP)  ## serve every built variant: OpenAI-compatible API on :8000 (serve_config.yaml)
+	$(BIN)/python -m deployments.preflight serve_config.yaml
 	$(BIN)/serve run serve_config.yaml
 
 .PHONY: docker kuberay test-cluster
@@ -117,3 +121,13 @@ GPU_SMOKE_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
 gpu-smoke:  ## GPU smoke run: PASS / FAIL / SKIP per GPU path -> reports/gpu_smoke.{json,md} (<= 8 min)
 	PYTHONPATH=. $(GPU_SMOKE_PY) -m bench.gpu_smoke --out reports
+
+.PHONY: eval
+
+EVAL_ARGS ?=
+
+# lm-evaluation-harness is the optional [eval] extra, installed on first use. EVAL_ARGS passes
+# options, e.g. "--url http://127.0.0.1:8000" (a running ingress) or "--only student".
+eval: $(STAMP)  ## lm-eval on every served variant, API vs in-process, quality for speed -> reports/eval.{json,md,png}
+	$(BIN)/python -c "import lm_eval" 2>/dev/null || $(BIN)/pip install -q -e '.[eval]'
+	$(BIN)/python -m bench.eval --config $(CONFIG) $(EVAL_ARGS)
