@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import yaml
 from serve_helpers import wait_until
 
 from deployments.preflight import (
+    HAPROXY_CONFIG_DEFAULT,
     HAPROXY_CONFIG_ENV,
     SIDE_PORTS,
     main,
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.timeout(60)
 
 NODE = "8ac3efccf61705faed3d1f38e5f39db79c05a258d4b448ded6311f6a"
 PYTHON = os.path.realpath(sys.executable)  # the interpreter itself, not the venv's link
+PYTHON_VENV = sys.executable
 LISTEN = (
     "import socket, sys, time\n"
     "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
@@ -232,3 +235,23 @@ def test_main_reads_the_yaml_and_exits_0_when_the_ports_are_free(
     assert main([str(path)]) == 0
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_names_and_defaults_it_assumes_are_rays():
+    """Ray's constants (read in a fresh interpreter, without RAY_SERVE_* set): a renamed
+    variable or a moved default would make the preflight look at the wrong ports or files."""
+    names = [*SIDE_PORTS, HAPROXY_CONFIG_ENV]
+    code = (
+        "import json; from ray.serve._private import constants as c; "
+        f"print(json.dumps({{n: getattr(c, n, None) for n in {names!r}}}))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    out = subprocess.run(
+        [PYTHON_VENV, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    ray_values = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ray_values == {
+        **{name: default for name, (_, default) in SIDE_PORTS.items()},
+        HAPROXY_CONFIG_ENV: HAPROXY_CONFIG_DEFAULT,
+    }
