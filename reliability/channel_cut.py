@@ -15,6 +15,7 @@ least one connection was actually cut (else the run proved nothing).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from reliability.load import Outcome, Tally, percentile, steady
@@ -22,10 +23,8 @@ from reliability.load import Outcome, Tally, percentile, steady
 if TYPE_CHECKING:
     from reliability.context import Run
 
-CUT_EVERY_S = 5.0
 
-
-def cut_times(seconds: float, every_s: float = CUT_EVERY_S) -> list[float]:
+def cut_times(seconds: float, every_s: float) -> list[float]:
     """When to cut (s into the load): every `every_s`, none in the load's last second (so
     every cut has requests in flight to catch)."""
     times, at = [], every_s
@@ -35,18 +34,21 @@ def cut_times(seconds: float, every_s: float = CUT_EVERY_S) -> list[float]:
     return times or [seconds / 2]
 
 
-def cut(app: str, cuts: list[int]) -> None:
-    """Call the ingress's `cut_stream_connections()` once; records how many it closed."""
+def cut(app: str, t0: float, cuts: list[tuple[float, int]]) -> None:
+    """Call the ingress's `cut_stream_connections()` once; records when (s after `t0`) and
+    how many connections it closed."""
     from ray import serve
 
     from deployments.settings import INGRESS_NAME
 
     handle = serve.get_deployment_handle(INGRESS_NAME, app_name=app)
-    cuts.append(int(handle.cut_stream_connections.remote().result(timeout_s=30)))
+    at = time.monotonic() - t0
+    cuts.append((at, int(handle.cut_stream_connections.remote().result(timeout_s=30))))
 
 
-def row(tally: Tally, cuts: list[int], rate: float, seconds: float) -> dict[str, Any]:
-    """The report row of one run: how each kind of request ended, and how many were cut."""
+def row(tally: Tally, cuts: list[tuple[float, int]], rate: float, seconds: float) -> dict[str, Any]:
+    """The report row of one run: how each kind of request ended, how many connections were
+    cut, and how many streams were under way at a cut (the ones it could have broken)."""
     plain, streamed = tally.summary("plain"), tally.summary("stream")
     failed: list[Outcome] = [o for o in tally.of("stream") if o.result == "failed"]
     mid = [o for o in failed if o.frames > 0]
@@ -58,7 +60,11 @@ def row(tally: Tally, cuts: list[int], rate: float, seconds: float) -> dict[str,
         "rate_rps": rate,
         "seconds": seconds,
         "cuts": len(cuts),
-        "connections_cut": sum(cuts),
+        "connections_cut": sum(n for _, n in cuts),
+        "streams_under_way_at_a_cut": sum(
+            any(o.start <= at <= o.start + o.latency_s for at, _ in cuts)
+            for o in tally.of("stream")
+        ),
         "sent": plain["sent"] + streamed["sent"],
         "ok": plain["ok"] + streamed["ok"],
         "plain_failed": plain["failed"],
@@ -93,8 +99,9 @@ def channel_cut_run(
     base: str, app: str, *, rate: float, seconds: float, body: dict[str, Any], every_s: float
 ) -> dict[str, Any]:
     """`rate` req/s (half streamed) for `seconds`, the channel cut every `every_s`; the row."""
-    cuts: list[int] = []
-    events = [(at, lambda: cut(app, cuts)) for at in cut_times(seconds, every_s)]
+    cuts: list[tuple[float, int]] = []
+    t0 = time.monotonic()  # the load's own clock starts within a millisecond of this
+    events = [(at, lambda: cut(app, t0, cuts)) for at in cut_times(seconds, every_s)]
     tally = asyncio.run(steady(base, body, rate, seconds, events=events))
     return row(tally, cuts, rate, seconds)
 
@@ -102,7 +109,7 @@ def channel_cut_run(
 def phase(run: Run) -> None:
     a = run.a
     r = channel_cut_run(
-        run.base, run.app, rate=a.rate, seconds=a.cut_s, body=run.body, every_s=CUT_EVERY_S
+        run.base, run.app, rate=a.rate, seconds=a.cut_s, body=run.body, every_s=a.cut_every_s
     )
     run.table("Stream channel cut under load", [r])
     run.verdicts.update(verdicts(r))

@@ -48,6 +48,8 @@ SIDE_PORTS = {  # env var -> Ray's default: the other ports Serve binds with HAP
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
 }
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b")  # "ray.exceptions.X: why"
 RESTART_TARGET_S = 90.0
 FIRST_START_S = 300.0  # the first start deploys every built variant on a cold machine
 RESTART_WAIT_S = 180.0  # how long the restart is watched (past the target, to measure it)
@@ -174,8 +176,12 @@ class Started:
         self.proc.wait()
 
     def last_line(self) -> str:
-        lines = [x.strip() for x in self.log.read_text(errors="replace").splitlines()]
-        return next((x for x in reversed(lines) if x), "")
+        """What its output ended with: the last exception line of a traceback when there is
+        one (Ray logs on after it), else the last line; colour codes removed."""
+        text = ANSI.sub("", self.log.read_text(errors="replace"))
+        lines = [x.strip() for x in text.splitlines() if x.strip()]
+        errors = [x for x in lines if EXCEPTION_LINE.match(x)]
+        return (errors or lines or [""])[-1][:500]
 
 
 def wait_serving(base: str, model: str, run: Started, timeout_s: float) -> float | None:

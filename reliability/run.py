@@ -120,7 +120,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     a.overload_s = 20.0 if a.quick else 30.0
     a.capacity_s = 5.0 if a.quick else 10.0  # the closed loop that measures what is sustained
-    a.cut_s = 10.0 if a.quick else 20.0  # the channel cut's load, cut every 5 s
+    a.cut_s, a.cut_every_s = (10.0, 3.0) if a.quick else (20.0, 5.0)  # the channel cut's load
     # The pre-auth flood: connections, how many of them send, MiB each, seconds (per load).
     a.flood_connections, a.flood_senders = (50, 5) if a.quick else (200, 20)
     a.flood_mib, a.flood_s = 32.0, (10.0 if a.quick else 20.0)
@@ -315,7 +315,8 @@ def _report(run: Run) -> int:
     run.notes.append(
         f"mode: {'quick' if a.quick else 'full'}; phases {','.join(a.phases)}; "
         f"soak {a.soak_s:g} s; faults {a.rate:g} req/s for {a.fault_s:g} s each; "
-        f"channel cut {a.rate:g} req/s for {a.cut_s:g} s; pre-auth flood "
+        f"channel cut every {a.cut_every_s:g} s at {a.rate:g} req/s for {a.cut_s:g} s; "
+        "pre-auth flood "
         f"{a.flood_connections} connections ({a.flood_senders} x {a.flood_mib:g} MiB) for "
         f"{a.flood_s:g} s; variant {a.variant} x {REPLICAS} replicas"
     )

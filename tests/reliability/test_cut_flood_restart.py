@@ -70,8 +70,10 @@ def test_channel_cut_row_and_targets():
             _outcome("stream", "failed", 2, error=True, done=True),
         ]
     )
-    r = channel_cut.row(tally, [2, 2, 0], rate=20.0, seconds=20.0)
+    tally.outcomes[1].start, tally.outcomes[2].start = 4.9, 9.0  # each 0.1 s long
+    r = channel_cut.row(tally, [(5.0, 2), (10.0, 2), (15.0, 0)], rate=20.0, seconds=20.0)
     assert (r["cuts"], r["connections_cut"], r["sent"], r["ok"]) == (3, 4, 3, 2)
+    assert r["streams_under_way_at_a_cut"] == 1
     assert r["stream_failed_after_first_frame"] == r["of_which_error_event_and_done"] == 1
     assert all(channel_cut.verdicts(r).values())
 
@@ -90,9 +92,9 @@ def test_channel_cut_row_and_targets():
 
 @pytest.mark.timeout(10)
 def test_cuts_are_spread_over_the_load_and_never_in_its_last_second():
-    assert channel_cut.cut_times(20.0) == [5.0, 10.0, 15.0]
-    assert channel_cut.cut_times(10.0) == [5.0]
-    assert channel_cut.cut_times(3.0) == [1.5]
+    assert channel_cut.cut_times(20.0, 5.0) == [5.0, 10.0, 15.0]
+    assert channel_cut.cut_times(10.0, 3.0) == [3.0, 6.0]
+    assert channel_cut.cut_times(3.0, 5.0) == [1.5]
 
 
 @pytest.mark.timeout(10)
@@ -308,3 +310,18 @@ def test_a_restart_refused_with_one_line_names_the_blocker(tmp_path, monkeypatch
     two_lines = {**row, "blocker": "a | b", "blocker_lines": 2}
     assert not all(restart.verdicts(two_lines).values())
     assert json.dumps(row)  # the report can hold it
+
+
+@pytest.mark.timeout(10)
+def test_a_failed_start_is_summed_up_by_its_exception_line(tmp_path):
+    log = tmp_path / "serve.log"
+    log.write_text(
+        "\x1b[36m(ServeController pid=1)\x1b[0m INFO starting\n"
+        "Traceback (most recent call last):\n  File x, line 1\n"
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly.\n"
+        "\x1b[36m(ServeController pid=1)\x1b[0m INFO Proxy on node 1 is unhealthy.\n"
+    )
+    started = restart.Started(None, log, 0.0)  # type: ignore[arg-type]
+    assert started.last_line() == "ray.exceptions.ActorDiedError: The actor died unexpectedly."
+    log.write_text("INFO a\n\x1b[33mstill going\x1b[0m\n\n")
+    assert started.last_line() == "still going"
