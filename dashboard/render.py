@@ -14,6 +14,7 @@ import string
 from collections.abc import Iterable, Iterator
 
 from slimserve.protocol import ModelCard
+from slimserve.reports import Table
 
 _PUNCT = set(string.punctuation)  # CommonMark lets a backslash escape any ASCII punctuation
 _NBSP = "\u00a0"
@@ -138,3 +139,64 @@ def seconds(x: float | None) -> str:
     if x is None:
         return "–"
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+QUALITY_COLUMNS = ("variant", "acc", "tok_s_16", "mb_on_disk", "pareto")
+"""What a table of `reports/eval.json` needs for the quality-for-speed picture."""
+
+
+def quality_table(tables: list[Table]) -> Table | None:
+    """The eval report's quality-for-speed table (the first holding QUALITY_COLUMNS)."""
+    return next((t for t in tables if set(QUALITY_COLUMNS) <= set(t.columns)), None)
+
+
+def pareto_line(records: list[dict]) -> list[dict]:
+    """The front's points in order of tokens/s, to be joined by a line."""
+    front = [r for r in records if r.get("pareto") and r.get("tok_s_16") is not None]
+    return sorted(front, key=lambda r: r["tok_s_16"])
+
+
+def quality_chart_spec(records: list[dict]) -> dict:
+    """A Vega-Lite spec: one point per variant (x tokens/s at 16 clients, y accuracy, area
+    by MB on disk, orange on the Pareto front), the front as a dashed line, names beside."""
+    points = [r for r in records if r.get("tok_s_16") is not None and r.get("acc") is not None]
+    x = {"field": "tok_s_16", "type": "quantitative", "title": "served tokens/s, 16 clients"}
+    y = {
+        "field": "acc",
+        "type": "quantitative",
+        "title": "next-words accuracy (API)",
+        "scale": {"zero": False},
+    }
+    colour = {
+        "field": "pareto",
+        "type": "nominal",
+        "title": "Pareto front",
+        "scale": {"domain": [True, False], "range": ["#f58518", "#4c78a8"]},
+    }
+    tooltip = [{"field": c, "type": "nominal"} for c in ("variant", "acc", "tok_s_16")]
+    tooltip.append({"field": "mb_on_disk", "type": "quantitative", "title": "MB on disk"})
+    return {
+        "layer": [
+            {
+                "data": {"values": pareto_line(points)},
+                "mark": {"type": "line", "strokeDash": [6, 4], "color": "#f58518"},
+                "encoding": {"x": x, "y": y},
+            },
+            {
+                "data": {"values": points},
+                "mark": {"type": "circle", "opacity": 0.7, "stroke": "black"},
+                "encoding": {
+                    "x": x,
+                    "y": y,
+                    "size": {"field": "mb_on_disk", "type": "quantitative", "title": "MB"},
+                    "color": colour,
+                    "tooltip": tooltip,
+                },
+            },
+            {
+                "data": {"values": points},
+                "mark": {"type": "text", "align": "left", "dx": 8, "dy": -8, "fontSize": 11},
+                "encoding": {"x": x, "y": y, "text": {"field": "variant"}},
+            },
+        ],
+    }

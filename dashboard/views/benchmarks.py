@@ -1,7 +1,8 @@
 """Benchmarks: every report under `reports/` (schema in `slimserve.reports`), newest first.
 
 The page knows no benchmark by name: it draws each report's charts and tables, so a new
-benchmark shows up here as soon as it writes a report.
+benchmark shows up here as soon as it writes a report. One picture comes first: quality for
+speed, from `reports/eval.json` (`make eval`), every served variant one point.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard.render import escape_markdown
-from slimserve.reports import Report, read_reports
+from dashboard.render import escape_markdown, quality_chart_spec, quality_table
+from slimserve.reports import Report, read_report, read_reports
+
+EVAL_REPORT = "eval.json"
 
 
 def reports_dir() -> Path:
@@ -51,9 +54,43 @@ def show(report: Report) -> None:
         st.markdown(f"- {note}")
 
 
+def quality_for_speed(folder: Path) -> None:
+    """Accuracy against served tokens/s per variant, with the table it is drawn from."""
+    st.subheader("Quality for speed")
+    path = folder / EVAL_REPORT
+    if not path.is_file():
+        st.info(
+            f"No quality report yet: `make eval` runs lm-evaluation-harness on every served "
+            f"variant and writes `{folder}/{EVAL_REPORT}`.",
+            icon=":material/info:",
+        )
+        return
+    loaded = read_report(path)
+    table = quality_table(loaded.report.tables) if loaded.report else None
+    if loaded.report is None or table is None:
+        problem = loaded.problem or "no quality-for-speed table"
+        st.warning(f"`{path.name}` cannot be drawn: {escape_markdown(problem)}")
+        return
+    st.caption(
+        f"x: served tokens/s at 16 clients, y: task accuracy through the API, area: bytes on "
+        f"disk; orange: the Pareto front. Commit `{loaded.report.commit}`."
+    )
+    chart, numbers = st.columns([3, 2])
+    with chart:
+        st.vega_lite_chart(quality_chart_spec(table.records()), use_container_width=True)
+    with numbers:
+        st.dataframe(pd.DataFrame(table.rows, columns=table.columns), hide_index=True)
+        sources = next(
+            (t for t in loaded.report.tables if t.columns[:2] == ["column", "source"]), None
+        )
+        if sources is not None:
+            st.dataframe(pd.DataFrame(sources.rows, columns=sources.columns), hide_index=True)
+
+
 def page() -> None:
     st.title("Benchmarks")
     folder = reports_dir()
+    quality_for_speed(folder)
     loaded = read_reports(folder)
     good = [r.report for r in loaded if r.report is not None]
     bad = [r for r in loaded if r.report is None]
