@@ -12,10 +12,8 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
 3. newly admitted requests are prefilled together and `merge`d in behind the running rows,
    so they join the next decode step (iteration-level batching, as vLLM and TGI do);
 4. one vectorised `sample` picks a token for every row (prefilled rows get their first token);
-5. only for the rows that ask: the raw logprobs of the picks (`slimserve.sampling_logprobs`),
-   and for requests that ask for their prompt's logprobs one full forward pass over the prompt
-   (`Runtime.score`; every runtime's prefill keeps only the last position's logits). A request
-   with `max_tokens` 0 is only scored: it never joins the batch.
+5. logprobs, only for the requests that ask (`slimserve.engine_batch`): a request with
+   `max_tokens` 0 is only scored and never joins the batch.
 
 Overlap (`EngineConfig.overlap`, on by default for a GPU runtime only) plans and launches the
 next step before this step's tokens become text; its limits are described there.
@@ -61,7 +59,7 @@ from slimserve.engine_types import (
     Timings,
 )
 from slimserve.runtimes.base import Runtime
-from slimserve.sampling import ParameterError, SamplingParams
+from slimserve.sampling import SamplingParams
 from slimserve.sampling_logprobs import TokenLogprob
 from slimserve.tokenizer import TextTokenizer
 
@@ -187,18 +185,8 @@ class Engine:
             self.tokenizer,
             vocab_size=self.vocab_size,
             context_length=self.context_length,
+            can_score=callable(getattr(self.runtime, "score", None)),
         )
-        if params.prompt_logprobs is not None and not callable(
-            getattr(self.runtime, "score", None)
-        ):
-            raise ParameterError(
-                [
-                    (
-                        "prompt_logprobs",
-                        f"the {self.runtime.info.runtime} runtime cannot score a prompt",
-                    )
-                ]
-            )
         self._ensure_started()
         live = sum(not (r.done or r.cancelled) for r in self._running)
         free = max(0, self.config.max_batch_size - live)
@@ -319,19 +307,11 @@ class Engine:
         if plan is None:
             return None
         self._inflight = self._executor.submit(self._batch.step, plan)  # type: ignore[union-attr]
-        scored = [r for r in admitted if r.params.prompt_logprobs is not None]
-        score_only = [r for r in admitted if r.params.max_tokens == 0]
-        self._scoring += score_only
-        return LaunchedStep(
-            self._inflight,
-            list(self._running),
-            admitted,
-            scored,
-            score_only,
-            removed,
-            n_decode,
-            time.perf_counter(),
+        step = LaunchedStep(
+            self._inflight, list(self._running), admitted, removed, n_decode, time.perf_counter()
         )
+        self._scoring += step.score_only
+        return step
 
     def _collect(self, step: LaunchedStep, out: StepOutput) -> None:
         """A finished step's tokens to text, on the loop (maybe while the next step runs)."""
@@ -339,17 +319,11 @@ class Engine:
         now = time.perf_counter()
         for req, entries in zip(step.scored, out.prompts, strict=True):
             req.set_prompt_logprobs(entries)
-        lps = iter(out.logprobs or ())
-        for req, tok in zip(step.rows, out.tokens, strict=True):
-            lp = next(lps) if req.params.logprobs is not None else None
+        for req, tok, lp in zip(step.rows, out.tokens, out.per_row(step.rows), strict=True):
             self._on_token(req, tok, now, lp)
-        for req in step.score_only:
-            if req in self._scoring:
-                self._scoring.remove(req)
-            if req.cancelled:
-                self._finish(req, None, "cancelled")
-            elif not req.done:
-                self._finish(req, None, req.finish_scored())
+        for req in step.score_only:  # scored, or cancelled while it was
+            self._scoring.remove(req)
+            self._finish(req, None, "cancelled" if req.cancelled else req.finish_scored())
         self._counts["peak"] = max(self._counts["peak"], len(step.rows))
         self._emit_step(
             StepInfo(
@@ -405,27 +379,7 @@ class Engine:
             if removed:  # the worker still holds the rows' cache: drop it now
                 self._batch.drop()
             return None, admitted, removed, 0
-        rows = self._running
-        repeated = any(r.params.repetition_penalty != 1.0 for r in rows)
-        counted = any(r.params.presence_penalty or r.params.frequency_penalty for r in rows)
-        asked = [
-            (i, r.params.logprobs) for i, r in enumerate(rows) if r.params.logprobs is not None
-        ]
-        plan = StepPlan(
-            keep=None if removed == 0 else keep,
-            prefill=[r.prompt_ids for r in joining],
-            params=[r.params for r in rows],
-            generators=[r.generator for r in rows],
-            seen=[r.seen for r in rows] if repeated else None,
-            outputs=[r.token_ids for r in rows] if counted else None,
-            logprob_rows=[i for i, _ in asked],
-            logprob_ks=[k for _, k in asked],  # type: ignore[misc]
-            score=[
-                (r.prompt_ids, r.params.prompt_logprobs)  # type: ignore[misc]
-                for r in admitted
-                if r.params.prompt_logprobs is not None
-            ],
-        )
+        plan = StepPlan.of(None if removed == 0 else keep, self._running, joining, admitted)
         for req in admitted:
             self._prompt_tokens += len(req.prompt_ids)
         return plan, admitted, removed, len(kept)

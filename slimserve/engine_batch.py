@@ -1,4 +1,13 @@
-"""The worker thread's half of the engine: the batch's KV state and one model step over it."""
+"""The worker thread's half of the engine: the batch's KV state and one model step over it.
+
+Logprobs cost nothing unless asked for: a step computes them for the rows that ask only
+(`slimserve.sampling_logprobs`, raw: from the runtime's logits before any penalty). Prompt
+logprobs (echo) need every prompt position's logits, and every runtime's prefill keeps only
+the last position's (torch and ONNX Runtime on CPU compute only that one; TensorRT and ONNX
+Runtime with I/O binding compute all and drop the rest), so a request that asks for them gets
+one more forward pass over its prompt, `Runtime.score`, in the same step; the prefill path of
+every other request is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +39,36 @@ class StepPlan:
     logprob_ks: list[int] = field(default_factory=list)  # their top-k, in the same order
     score: list[tuple[list[int], int]] = field(default_factory=list)  # (prompt, top-k) to score
 
+    @classmethod
+    def of(
+        cls,
+        keep: list[int] | None,
+        rows: list[Request],
+        joining: list[Request],
+        admitted: list[Request],
+    ) -> StepPlan:
+        """The plan for the batch `rows` after the step (kept rows, then `joining`, the
+        admitted requests that generate); every admitted request asking for prompt logprobs
+        is scored."""
+        repeated = any(r.params.repetition_penalty != 1.0 for r in rows)
+        counted = any(r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+        asked = [
+            (i, r.params.logprobs) for i, r in enumerate(rows) if r.params.logprobs is not None
+        ]
+        return cls(
+            keep=keep,
+            prefill=[r.prompt_ids for r in joining],
+            params=[r.params for r in rows],
+            generators=[r.generator for r in rows],
+            seen=[r.seen for r in rows] if repeated else None,
+            outputs=[r.token_ids for r in rows] if counted else None,
+            logprob_rows=[i for i, _ in asked],
+            logprob_ks=[k for _, k in asked],  # type: ignore[misc]
+            score=[
+                (r.prompt_ids, k) for r in admitted if (k := r.params.prompt_logprobs) is not None
+            ],
+        )
+
 
 @dataclass
 class StepOutput:
@@ -39,6 +78,11 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None  # one per `plan.logprob_rows` entry (None: none asked)
     prompts: list[list[TokenLogprob]]  # one per `plan.score` entry
 
+    def per_row(self, rows: list[Request]) -> list[TokenLogprob | None]:
+        """Each row's logprob entry (None for rows that did not ask)."""
+        given = iter(self.logprobs or ())
+        return [next(given) if r.params.logprobs is not None else None for r in rows]
+
 
 @dataclass
 class LaunchedStep:
@@ -47,11 +91,19 @@ class LaunchedStep:
     future: Future
     rows: list[Request]
     admitted: list[Request]
-    scored: list[Request]  # whose prompts the step scores (`StepPlan.score`), in that order
-    score_only: list[Request]  # requests that generate nothing (max_tokens 0): end with the step
     removed: int
     n_decode: int
     t0: float
+
+    @property
+    def scored(self) -> list[Request]:
+        """Whose prompts the step scores, in `StepPlan.score`'s order."""
+        return [r for r in self.admitted if r.params.prompt_logprobs is not None]
+
+    @property
+    def score_only(self) -> list[Request]:
+        """Admitted requests that generate nothing (max_tokens 0): they end with the step."""
+        return [r for r in self.admitted if r.params.max_tokens == 0]
 
 
 class BatchWorker:

@@ -35,11 +35,15 @@ def prompt_ids(
     *,
     vocab_size: int,
     context_length: int,
+    can_score: bool = True,
 ) -> list[int]:
     """The prompt's token ids, once `params` and the prompt are checked; ParameterError (naming
-    the field) for bad sampling values, a bad or empty prompt, or one that leaves no room for
-    `max_tokens` in the context."""
+    the field) for bad sampling values, a bad or empty prompt, one that leaves no room for
+    `max_tokens` in the context, or prompt logprobs from a runtime that cannot score
+    (`can_score`: it has `Runtime.score`)."""
     params.validate()
+    if params.prompt_logprobs is not None and not can_score:
+        raise ParameterError([("prompt_logprobs", "this runtime cannot score a prompt")])
     if isinstance(prompt, str):
         ids = tok.encode(prompt)
     elif isinstance(prompt, (list, tuple)):

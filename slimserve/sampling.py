@@ -231,26 +231,13 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(rows.argmax(axis=-1).astype(np.int64))
 
 
-def sample(
+def _penalised(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    previous: Sequence[Sequence[int]] | None = None,
-    outputs: Sequence[Sequence[int]] | None = None,
+    previous: Sequence[Sequence[int]] | None,
+    outputs: Sequence[Sequence[int]] | None,
 ) -> torch.Tensor:
-    """Pick one token per row; returns (B,) int64 on the logits' device.
-
-    logits: (B, V) (any float dtype; sampled in float32; never written). params[r] /
-    generators[r] belong to row r; a None generator uses torch's global RNG. previous[r]
-    lists the ids row r has seen, prompt and output (needed only when some row has
-    repetition_penalty != 1); outputs[r] the ids it generated (only when some row has a
-    presence or frequency penalty).
-    Greedy rows (temperature 0 or top_k 1) take the argmax after the penalties, so top_k=1
-    equals greedy exactly.
-    """
-    batch, vocab = logits.shape
-    if len(params) != batch or len(generators) != batch:
-        raise ValueError(f"sample: {batch} rows but {len(params)} params, {len(generators)} gens")
+    """`logits` as float32 with every row's penalties applied (a copy when any applies)."""
     given = logits
     logits = logits.float()
     rep_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
@@ -275,6 +262,30 @@ def sample(
             [params[r].frequency_penalty for r in count_rows],
             outputs,
         )
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    previous: Sequence[Sequence[int]] | None = None,
+    outputs: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row; returns (B,) int64 on the logits' device.
+
+    logits: (B, V) (any float dtype; sampled in float32; never written). params[r] /
+    generators[r] belong to row r; a None generator uses torch's global RNG. previous[r]
+    lists the ids row r has seen, prompt and output (needed only when some row has
+    repetition_penalty != 1); outputs[r] the ids it generated (only when some row has a
+    presence or frequency penalty).
+    Greedy rows (temperature 0 or top_k 1) take the argmax after the penalties, so top_k=1
+    equals greedy exactly.
+    """
+    batch, vocab = logits.shape
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(f"sample: {batch} rows but {len(params)} params, {len(generators)} gens")
+    logits = _penalised(logits, params, previous, outputs)
     out = argmax_rows(logits)  # (B,) greedy for every row; sampled rows are overwritten
     rand_rows = [r for r, p in enumerate(params) if not p.greedy]
     if not rand_rows:
