@@ -103,8 +103,18 @@ PEERS_ARGS ?=
 
 # vLLM gets its own venv (.venv-vllm/, reused once installed): its CPU wheel pins its own torch
 # and an older transformers. PEERS_ARGS passes options, e.g. "--concurrency 1 4 --no-big".
-bench-peers: $(STAMP)  ## slimserve vs vLLM vs the Flask baseline, same weights, tiny + 124M-shaped -> reports/bench_peers.*
+bench-peers: $(STAMP)  ## slimserve vs vLLM, llama-server, the Flask baseline (+ CTranslate2 in process), same weights -> reports/bench_peers.*
 	$(BIN)/python -m bench.peers --config $(CONFIG) $(PEERS_ARGS)
+
+.PHONY: llama-server
+
+LLAMA_JOBS ?= 2
+
+# llama.cpp's server, a bench-peers peer: built from the source vendored in the llama-cpp-python
+# sdist (pip download) into .cache/llama.cpp/ (git-ignored), ~14 min with -j2 on 2 cores, then
+# reused (a stamp names the source version). bench-peers builds it too when it is missing.
+llama-server: $(STAMP)  ## build llama.cpp's llama-server into .cache/llama.cpp/ for bench-peers (LLAMA_JOBS=2)
+	$(BIN)/python -m bench.peer_llamacpp build --jobs $(LLAMA_JOBS)
 
 .PHONY: smoke-gpt2
 

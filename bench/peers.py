@@ -1,16 +1,22 @@
-"""`make bench-peers`: slimserve against the engine a user would pick instead (vLLM), and the
-Flask baseline, on the same weights, driven by the same load generator, in one run.
+"""`make bench-peers`: slimserve against the engines a user would pick instead (vLLM, llama.cpp's
+`llama-server`), and the Flask baseline, on the same weights, driven by the same load
+generator, in one run; CTranslate2 as the in-process floor.
 
-1. vLLM's CPU build goes into its own venv (`bench/peer_vllm.py`; reused once installed);
+1. vLLM's CPU build goes into its own venv (`bench/peer_vllm.py`; reused once installed), and
+   `llama-server` is built from source into `.cache/llama.cpp/` (`bench/peer_llamacpp.py`;
+   reused once built);
 2. the tiny student: slimserve (`serve_config.yaml`: the torch student, and student-onnx when
-   it is built), vLLM's OpenAI server and the Flask baseline are all started, then take turns
-   level by level (`bench.serving.run_levels`, the race's own settings), streamed and not;
-3. greedy output of slimserve (`/compare`, token ids) and vLLM (`return_token_ids`) on the
-   same prompts, compared token for token;
+   it is built), vLLM's OpenAI server, llama-server on a float32 GGUF of the same folder and
+   the Flask baseline are all started, then take turns level by level
+   (`bench.serving.run_levels`, the race's own settings), streamed and not;
+3. greedy output of slimserve (`/compare`, token ids), vLLM and llama-server on the same
+   prompts, compared token for token (`bench/peer_greedy.py`);
 4. the GPT-2-124M-shaped bench model (`bench/bench_model.py`): slimserve torch and ONNX
-   against vLLM at 1 and 16 clients.
+   against vLLM and llama-server (float32, and `q8_0`: its int8 weights) at 1 and 16 clients;
+5. with no server up, CTranslate2 and slimserve's engine in process on both models
+   (`bench/peer_ct2.py`): one request at a time, and 16 prompts in one batch.
 
-A peer that cannot be installed or started is a row saying why; everything else still runs.
+A peer that cannot be installed, built or started is a row saying why; everything else runs.
 Writes `reports/bench_peers.{json,md,png}`, stamped like every other report.
 """
 
@@ -18,23 +24,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine_bench import PROMPTS
+from bench import peer_ct2, peer_llamacpp
+from bench.peer_greedy import compare_greedy, llama_ids, vllm_ids
 from bench.peer_vllm import PeerError, install, last_error, start_vllm
+from bench.peers_race import PeerMeter, Races, race, running
 from bench.run_all import BenchPlan, _serve_threads, start_serve
-from bench.serving import CpuMeter, LevelResult, median_level, run_levels
 from slimserve.net import free_port
 from slimserve.tokenizer import load_tokenizer
-
-Races = dict[str, list[LevelResult]]
 
 
 @dataclass
@@ -42,7 +45,13 @@ class PeersPlan(BenchPlan):
     """The race's own settings (BenchPlan's defaults), plus the peer's and the 124M model's."""
 
     venv: str = ".venv-vllm"
-    peer: bool = True  # False: slimserve and the baseline only (no vLLM install)
+    peer: bool = True  # False: no vLLM (no install)
+    llama: bool = True  # False: no llama-server (no build)
+    llama_jobs: int = 2  # compile jobs when llama-server is built
+    ct2: bool = True  # False: no in-process floor (CTranslate2 and slimserve's engine)
+    floor_repeats: int = 3  # the floor's timed repeats on the student (the 124M model: 1)
+    floor_tokens: int = 64  # the floor's tokens per request (greedy, exactly this many)
+    floor_batch: int = 16  # the floor's prompts in one batch
     tiny: bool = True  # the student race and the greedy comparison
     big: bool = True  # the 124M-shaped model
     big_root: str = "artifacts/bench"
@@ -114,19 +123,10 @@ def _vllm_roles(extra: dict[str, int]) -> frozenset[str]:
     return frozenset(k for k in extra if k.startswith("vllm"))
 
 
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def vllm_alive(extra: dict[str, int]) -> Callable[[], bool]:
     """True while the server and every process it had started (the engine core) still run."""
     pids = [pid for role, pid in extra.items() if role.startswith("vllm")]
-    return lambda: all(_running(pid) for pid in pids)
+    return lambda: all(running(pid) for pid in pids)
 
 
 def mark_dead(peer: dict[str, Any], name: str) -> None:
@@ -135,127 +135,63 @@ def mark_dead(peer: dict[str, Any], name: str) -> None:
     peer[f"run ({name})"] = f"died during the race: {why or 'no error in its log'}"
 
 
-class PeerMeter(CpuMeter):
-    """The load generator's CPU meter, but a process that has exited (a peer that died during
-    the race) is forgotten instead of failing the snapshot."""
+@dataclass
+class Peers:
+    """Each peer's report row (status, version, how each run went), and llama-server's build."""
 
-    def snapshot(self) -> dict[str, float]:
-        import psutil
-
-        for _ in range(3):
-            self.extra = {k: pid for k, pid in self.extra.items() if _running(pid)}
-            try:
-                return super().snapshot()
-            except psutil.NoSuchProcess:
-                continue
-        return super().snapshot()
+    vllm: dict[str, Any]
+    llama: dict[str, Any]
+    llama_build: peer_llamacpp.LlamaBuild | None = None
 
 
-def race(
-    servers: dict[str, tuple[str, str]],
-    plan: PeersPlan,
-    concurrencies: Sequence[int],
-    meter: CpuMeter,
-    own: dict[str, frozenset[str]],
-    alive: dict[str, Callable[[], bool]] | None = None,
-    rounds: int = 1,
-) -> Races:
-    """label -> (URL, model name): one `run_levels` call per level, round and label, so the
-    servers take turns level by level even though they serve the model under different names.
-
-    Each concurrency runs `rounds` rounds in a row. A round is every server non-streamed, then
-    every server streamed, the servers' order rotated each round; each server keeps its median
-    run per level (`median_level`). On a VM whose speed drifts by a quarter within seconds, one
-    short run per level decides a ratio by luck, and a drift between a whole non-streamed phase
-    and a whole streamed one would decide the streamed / non-streamed ratio. Servers in
-    `plan.once` (the Flask baseline, far behind and slow to measure) run the first round only.
-    A server whose `alive` check fails after one of its levels is left out of the rest.
-    """
-    out: Races = {label: [] for label in servers}
-    gone: set[str] = set()
-    labels = list(servers)
-    for conc in concurrencies:
-        got: dict[tuple[str, bool], list[LevelResult]] = {}
-        for r in range(max(1, rounds)):
-            for stream in (False, True):
-                for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
-                    if label in gone or (r and label in plan.once):
-                        continue
-                    url, model = servers[label]
-                    got.setdefault((label, stream), []).extend(
-                        run_levels(
-                            {label: url},
-                            model=model,
-                            concurrencies=(conc,),
-                            streams=(stream,),
-                            requests_per_client=plan.requests_per_client,
-                            min_requests=plan.min_requests,
-                            max_tokens=plan.max_tokens,
-                            meter=meter,
-                            own=own,
-                        )[label]
-                    )
-                    if label in (alive or {}) and not alive[label]():
-                        print(f"{label} has exited: left out of the remaining levels", flush=True)
-                        gone.add(label)
-        for (label, _), runs in sorted(got.items(), key=lambda kv: kv[0][1]):
-            out[label].append(median_level(runs))
-    return out
+LLAMA_LABELS = {"f32": "llama-server", "q8_0": "llama-server-q8"}
 
 
-def _post(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        return json.loads(r.read())
+def _start_llamas(stack, plan, peers: Peers, folder: Path, name: str, outtypes, extra, slots):
+    """llama-server on a GGUF of `folder` per `outtypes` entry: label -> URL of those that run."""
+    urls = {}
+    for outtype in outtypes:
+        server = peer_llamacpp.start_for_race(
+            stack, peers.llama_build, peers.llama, folder, name, outtype=outtype, slots=slots,
+            log_dir=Path(plan.reports_dir) / "raw",
+        )  # fmt: skip
+        if server:
+            urls[LLAMA_LABELS[outtype]] = server.url
+            extra[LLAMA_LABELS[outtype]] = server.pid
+    return urls
 
 
-def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
-    return ids[:-1] if ids and eos is not None and ids[-1] == eos else ids
+def _race_with_peers(plan, peers: Peers, servers, slim: str, folder: Path, name: str, **run):
+    """Race `servers` (every peer already in it), then mark the peers that died and compare
+    the greedy output of those still up with slimserve's. Returns (levels, greedy rows)."""
+    extra, outtypes = run["extra"], run["outtypes"]
+    vllm = servers.get("vllm", (None,))[0]
+    llamas = {label: servers[label][0] for label in LLAMA_LABELS.values() if label in servers}
+    own = {"baseline": frozenset({"baseline"}), "vllm": _vllm_roles(extra)}
+    own |= {label: frozenset({label}) for label in llamas}
+    alive = {"vllm": vllm_alive(extra)}
+    alive |= {label: (lambda pid=extra[label]: running(pid)) for label in llamas}
+    levels = race(servers, plan, run["concurrencies"], PeerMeter(extra), own, alive, run["rounds"])
+    eos = load_tokenizer(folder).eos_token_id
+    greedy: list[dict[str, Any]] = []
+    if vllm and not alive["vllm"]():
+        mark_dead(peers.vllm, name)
+    elif vllm:
+        theirs = vllm_ids(vllm, name, plan.compare_tokens)
+        greedy += compare_greedy(slim, "vLLM", theirs, name, plan.compare_tokens, eos)
+    for outtype in outtypes:
+        label = LLAMA_LABELS[outtype]
+        if label in llamas and not alive[label]():
+            peers.llama[f"run ({name} {outtype})"] = "died during the race"
+        elif label in llamas and outtype == "f32":  # q8_0 weights are not the same numbers
+            theirs = llama_ids(llamas[label], plan.compare_tokens)
+            greedy += compare_greedy(slim, label, theirs, name, plan.compare_tokens, eos)
+    return levels, greedy
 
 
-def compare_greedy(
-    slim: str, vllm: str, model: str, max_tokens: int, eos: int | None = None
-) -> list[dict[str, Any]]:
-    """Each prompt's greedy token ids from slimserve and vLLM, and where they part.
-
-    vLLM's `token_ids` end with the end-of-text token when it stopped on it; slimserve's never
-    hold it. So a trailing `eos` is dropped from both before comparing.
-    """
-    rows = []
-    for prompt in PROMPTS:
-        row: dict[str, Any] = {"model": model, "prompt": prompt, "identical": False}
-        try:
-            results = _post(f"{slim}/compare", {"prompt": prompt, "models": [model]} | {
-                "max_tokens": max_tokens, "warmup": False,
-            })["results"]  # fmt: skip
-            # /compare runs the profile's teacher too, as its reference: pick our model's row
-            ours = next(r for r in results if r["model"] == model)["token_ids"]
-            theirs = _post(f"{vllm}/v1/completions", {"model": model, "prompt": prompt} | {
-                "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
-            })["choices"][0]["token_ids"]  # fmt: skip
-        except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
-            rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:160]})
-            continue
-        ours, theirs = _strip_eos(list(ours), eos), _strip_eos(list(theirs or ()), eos)
-        pairs = zip(ours, theirs, strict=False)
-        part = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-        rows.append(
-            row
-            | {
-                "slimserve_tokens": len(ours),
-                "vllm_tokens": len(theirs),
-                "matching_prefix": min(len(ours), len(theirs)) if part is None else part,
-                "identical": ours == theirs,
-                "error": None,
-            }
-        )
-    return rows
-
-
-def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[str, Any]]]:
-    """The student race (slimserve torch and ONNX, vLLM, baseline) and the greedy comparison."""
+def run_tiny(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]], list[dict]]:
+    """The student race (slimserve torch and ONNX, vLLM, llama-server, baseline), the greedy
+    comparison, then the in-process floor."""
     from bench.baseline import start_baseline
     from slimserve.artifacts import ArtifactStore
     from slimserve.catalogue import load_profile
@@ -270,7 +206,6 @@ def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[st
     with_onnx = onnx in profile.variants and store.manifest(onnx) is not None
     need = (plan.variant, onnx) if with_onnx else (plan.variant,)
     extra: dict[str, int] = {}
-    greedy: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         slim = stack.enter_context(
             start_serve(plan.serve_config, config=plan.config, artifacts_dir=root, need=need)
@@ -278,57 +213,65 @@ def run_tiny(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[st
         servers = {"slimserve": (slim, plan.variant)}
         if with_onnx:
             servers["slimserve-onnx"] = (slim, onnx)
-        vllm = _start_peer(stack, plan, peer, folder, plan.variant, extra)
+        vllm = _start_peer(stack, plan, peers.vllm, folder, plan.variant, extra)
         if vllm:
             servers["vllm"] = (vllm, plan.variant)
+        slots = max(plan.concurrencies)
+        llamas = _start_llamas(stack, plan, peers, folder, plan.variant, ("f32",), extra, slots)
+        servers |= {label: (url, plan.variant) for label, url in llamas.items()}
         log = Path(plan.reports_dir) / "raw" / "baseline.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         base = stack.enter_context(start_baseline(folder, threads=plan.baseline_threads, log=log))
         servers["baseline"] = (base.url, plan.variant)
         extra["baseline"] = base.pid
         plan.load("student: servers up")
-        own = {"baseline": frozenset({"baseline"}), "vllm": _vllm_roles(extra)}
-        alive = {"vllm": vllm_alive(extra)}
-        levels = race(servers, plan, plan.concurrencies, PeerMeter(extra), own, alive, plan.rounds)
-        if vllm and not alive["vllm"]():
-            mark_dead(peer, plan.variant)
-        elif vllm:
-            eos = load_tokenizer(folder).eos_token_id
-            greedy = compare_greedy(slim, vllm, plan.variant, plan.compare_tokens, eos)
+        levels, greedy = _race_with_peers(
+            plan, peers, servers, slim, folder, plan.variant, extra=extra, outtypes=("f32",),
+            concurrencies=plan.concurrencies, rounds=plan.rounds,
+        )  # fmt: skip
         plan.load("student: after the race")
-    return levels, greedy
+    onnx_dir = store.path(onnx) if with_onnx else None
+    return levels, greedy, _floor(plan, folder, onnx_dir, plan.floor_repeats)
 
 
-def run_big(plan: PeersPlan, peer: dict[str, Any]) -> tuple[Races, list[dict[str, Any]]]:
-    """The 124M-shaped model: slimserve torch and ONNX against vLLM (built first if missing)."""
+def run_big(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]], list[dict]]:
+    """The 124M-shaped model: slimserve torch and ONNX against vLLM and llama-server (float32
+    and q8_0), the model built first if missing; then the in-process floor."""
     from bench.bench_model import ONNX_VARIANT, TORCH_VARIANT, ensure_bench_model, serve_config_for
 
     built = ensure_bench_model(plan.big_root)
     root = Path(plan.big_root)
     serve_config = serve_config_for(plan.serve_config, built["profile"], root, root / "serve.yaml")
     extra: dict[str, int] = {}
+    folder = built[TORCH_VARIANT]
+    outtypes = ("f32", "q8_0")
     with contextlib.ExitStack() as stack:
         slim = stack.enter_context(
             start_serve(serve_config, need=(TORCH_VARIANT, ONNX_VARIANT), timeout_s=1800)
         )
         servers = {"slimserve": (slim, TORCH_VARIANT), "slimserve-onnx": (slim, ONNX_VARIANT)}
-        vllm = _start_peer(stack, plan, peer, built[TORCH_VARIANT], TORCH_VARIANT, extra)
+        vllm = _start_peer(stack, plan, peers.vllm, folder, TORCH_VARIANT, extra)
         if vllm:
             servers["vllm"] = (vllm, TORCH_VARIANT)
+        slots = max(plan.big_concurrencies)
+        llamas = _start_llamas(stack, plan, peers, folder, TORCH_VARIANT, outtypes, extra, slots)
+        servers |= {label: (url, TORCH_VARIANT) for label, url in llamas.items()}
         plan.load("124M: servers up")
-        own = {"vllm": _vllm_roles(extra)}
-        alive = {"vllm": vllm_alive(extra)}
-        levels = race(
-            servers, plan, plan.big_concurrencies, PeerMeter(extra), own, alive, plan.big_rounds
-        )
-        greedy = []
-        if vllm and not alive["vllm"]():
-            mark_dead(peer, TORCH_VARIANT)
-        elif vllm:
-            eos = load_tokenizer(built[TORCH_VARIANT]).eos_token_id
-            greedy = compare_greedy(slim, vllm, TORCH_VARIANT, plan.compare_tokens, eos)
+        levels, greedy = _race_with_peers(
+            plan, peers, servers, slim, folder, TORCH_VARIANT, extra=extra, outtypes=outtypes,
+            concurrencies=plan.big_concurrencies, rounds=plan.big_rounds,
+        )  # fmt: skip
         plan.load("124M: after the race")
-    return levels, greedy
+    return levels, greedy, _floor(plan, folder, built[ONNX_VARIANT], 1)
+
+
+def _floor(plan: PeersPlan, folder: Path, onnx_dir: Path | None, repeats: int) -> list[dict]:
+    if not plan.ct2:
+        return []
+    rows = peer_ct2.floor(folder, onnx_dir, max_tokens=plan.floor_tokens,
+                          batch=plan.floor_batch, repeats=repeats)  # fmt: skip
+    plan.load(f"{folder.name}: after the in-process floor")
+    return rows
 
 
 def _rows(levels: Races) -> dict[str, list[dict[str, Any]]]:
@@ -336,22 +279,26 @@ def _rows(levels: Races) -> dict[str, list[dict[str, Any]]]:
 
 
 def run_peers(plan: PeersPlan) -> list[Path]:
-    """Install the peer, run both races, write `bench_peers.*`; return the paths written."""
+    """Install / build the peers, run both races and the floor, write `bench_peers.*`; return
+    the paths written."""
     from bench.peers_report import peers_report
     from slimserve.hardware import machine
     from slimserve.reports import write_report
 
     plan.load("start")
-    peer = peer_status(plan)
-    print(f"peer: {peer}", flush=True)
+    llama, llama_build = peer_llamacpp.status(plan.llama, jobs=plan.llama_jobs)
+    peers = Peers(peer_status(plan), llama, llama_build)
+    print(f"peers: {peers.vllm} | {peers.llama}", flush=True)
     tiny: Races = {}
     greedy: list[dict[str, Any]] = []
+    floor_rows: list[dict[str, Any]] = []
     if plan.tiny:
-        tiny, greedy = run_tiny(plan, peer)
+        tiny, greedy, floor_rows = run_tiny(plan, peers)
     big: Races = {}
     if plan.big:
-        big, more = run_big(plan, peer)
+        big, more, big_floor = run_big(plan, peers)
         greedy += more
+        floor_rows += big_floor
     settings = {
         "max_tokens": plan.max_tokens,
         "min_requests": plan.min_requests,
@@ -361,9 +308,13 @@ def run_peers(plan: PeersPlan) -> list[Path]:
         "once": sorted(plan.once),
     }
     report = peers_report(
-        _rows(tiny), _rows(big), peer=peer, greedy=greedy, settings=settings, command=plan.command
+        _rows(tiny), _rows(big), peer=peers.vllm, greedy=greedy, settings=settings,
+        command=plan.command, llama=peers.llama, floor=floor_rows,
+    )  # fmt: skip
+    threads = (
+        f"slimserve {_serve_threads(plan)}; baseline {plan.baseline_threads}; vLLM all; "
+        "llama-server and the in-process floor: one per core"
     )
-    threads = f"slimserve {_serve_threads(plan)}; baseline {plan.baseline_threads}; vLLM all"
     report.machine = {
         **machine(),
         "load_average": " | ".join(plan.loads),
@@ -405,7 +356,10 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
     )  # fmt: skip
     p.add_argument("--big-rounds", type=int, default=d.big_rounds, help="the same, 124M race")
     p.add_argument("--venv", default=d.venv, help="vLLM's own virtual environment")
-    p.add_argument("--no-vllm", action="store_true", help="skip the peer (no install)")
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM (no install)")
+    p.add_argument("--no-llama", action="store_true", help="skip llama-server (no build)")
+    p.add_argument("--llama-jobs", type=int, default=d.llama_jobs, help="its compile jobs")
+    p.add_argument("--no-ct2", action="store_true", help="skip the in-process floor")
     p.add_argument("--no-tiny", action="store_true", help="skip the student race")
     p.add_argument("--no-big", action="store_true", help="skip the 124M-shaped model")
     p.add_argument("--big-root", default=d.big_root, help="where the 124M model is built")
@@ -416,15 +370,16 @@ def parse_args(argv: Sequence[str] | None = None) -> PeersPlan:
             p.error(f"--{name.replace('_', '-')} levels must be >= 1")
     if min(a.max_tokens, a.requests_per_client, a.min_requests, a.compare_tokens) < 1:
         p.error("--max-tokens, --requests-per-client, --min-requests, --compare-tokens: >= 1")
-    if min(a.rounds, a.big_rounds) < 1:
-        p.error("--rounds, --big-rounds: >= 1")
+    if min(a.rounds, a.big_rounds, a.llama_jobs) < 1:
+        p.error("--rounds, --big-rounds, --llama-jobs: >= 1")
     return PeersPlan(
         config=a.config, artifacts=a.artifacts, serve_config=a.serve_config, variant=a.variant,
         reports_dir=a.report_dir, concurrencies=tuple(a.concurrency),
         big_concurrencies=tuple(a.big_concurrency), max_tokens=a.max_tokens,
         requests_per_client=a.requests_per_client, min_requests=a.min_requests,
         compare_tokens=a.compare_tokens, rounds=a.rounds, big_rounds=a.big_rounds, venv=a.venv,
-        peer=not a.no_vllm, tiny=not a.no_tiny, big=not a.no_big, big_root=a.big_root,
+        peer=not a.no_vllm, llama=not a.no_llama, llama_jobs=a.llama_jobs, ct2=not a.no_ct2,
+        tiny=not a.no_tiny, big=not a.no_big, big_root=a.big_root,
         wait_s=a.wait_s, parts=("peers",),
         command=" ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])]),
     )  # fmt: skip

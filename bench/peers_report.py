@@ -1,9 +1,11 @@
-"""The peers report: slimserve, vLLM and the Flask baseline, side by side, with the targets.
+"""The peers report: slimserve, vLLM, llama-server and the Flask baseline, side by side, with
+the targets, and the in-process floor (CTranslate2 beside slimserve's engine).
 
 Kept apart from `peers.py` (which runs servers) so the arithmetic can be tested on plain rows.
 A race is {server label -> level rows} (`LevelResult.row()`); labels are "slimserve" (the
-torch variant), "slimserve-onnx", "vllm" and "baseline", and a server that did not run simply
-has no rows: its columns are empty and the targets that need it say "not measured".
+torch variant), "slimserve-onnx", "vllm", "llama-server" (float32 GGUF), "llama-server-q8"
+(q8_0 GGUF) and "baseline", and a server that did not run simply has no rows: its columns are
+empty and the targets that need it say "not measured".
 Ratios are a / b: above 1 is better for throughput, below 1 is better for latency.
 """
 
@@ -15,7 +17,8 @@ from bench.race import LEVEL_COLUMNS, find_level, ratio
 from slimserve.reports import Chart, Report, Table, new_report
 
 Rows = dict[str, list[dict[str, Any]]]
-SERVERS = ("slimserve", "slimserve-onnx", "vllm", "baseline")
+SERVERS = ("slimserve", "slimserve-onnx", "vllm", "llama-server", "llama-server-q8", "baseline")
+FLOOR_COLUMNS = ("model", "engine", "one_ms_per_token", "batch", "batch_tok_s")
 
 
 def side_by_side(race: Rows) -> list[dict[str, Any]]:
@@ -161,6 +164,57 @@ def _tok_chart(title: str, table: int, pairs: Table) -> list[Chart]:
     return [Chart(title=title, type="line", table=table, x="concurrency", y=y, y_label="tok/s")]
 
 
+def _peer_notes(name: str, row: dict[str, Any], ok: str) -> list[str]:
+    """One line when the peer did not run at all, one per run that did not go through."""
+    if not row:
+        return []
+    why = f"{name} did not run: {row.get('status')}. Its columns are empty."
+    notes = [] if row.get("status") == ok else [why]
+    for key, value in row.items():
+        if key.startswith("run (") and value != "ran":
+            notes.append(f"{name}, {key[5:-1]}: {value}")
+    return notes
+
+
+def _greedy_notes(greedy: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    for model, peer in dict.fromkeys((g.get("model"), g.get("peer", "vLLM")) for g in greedy):
+        rows = [g for g in greedy if (g.get("model"), g.get("peer", "vLLM")) == (model, peer)]
+        same = sum(1 for g in rows if g["identical"])
+        notes.append(
+            f"greedy output ({model}): {same} of {len(rows)} prompts identical token for token "
+            f"between slimserve and {peer}."
+        )
+    return notes
+
+
+def _llama_notes(tiny: Rows, big: Rows) -> list[str]:
+    """slimserve / llama-server at 16 clients, where both ran (no target: a reading)."""
+    notes = []
+    for what, race, ours in (("student", tiny, "slimserve"), ("124M-shaped", big, "slimserve")):
+        for label in ("llama-server", "llama-server-q8"):
+            got = [
+                ratio(_get(race, ours, s, 16, "out_tok_s"), _get(race, label, s, 16, "out_tok_s"))
+                for s in (False, True)
+            ]
+            if any(g is not None for g in got):
+                notes.append(
+                    f"{what}, 16 clients: slimserve (torch) / {label} tok/s = {got[0]}x "
+                    f"non-streamed, {got[1]}x streamed."
+                )
+    return notes
+
+
+def floor_table(floor: list[dict[str, Any]]) -> Table:
+    """CTranslate2 and slimserve's engine in process; a part that did not run says why."""
+    columns = [*FLOOR_COLUMNS, "tokens_per_request", "threads", "status"]
+    return Table(
+        title="in-process floor: CTranslate2 beside slimserve's engine (no server)",
+        columns=columns,
+        rows=[[r.get(c) for c in columns] for r in floor],
+    )
+
+
 def peers_report(
     tiny: Rows,
     big: Rows,
@@ -169,8 +223,11 @@ def peers_report(
     greedy: list[dict[str, Any]],
     settings: dict[str, Any],
     command: str | None,
+    llama: dict[str, Any] | None = None,
+    floor: list[dict[str, Any]] | None = None,
 ) -> Report:
-    """`bench_peers`: both races, the peer's status, the targets and the greedy comparison."""
+    """`bench_peers`: both races, the peers' status, the targets, the greedy comparison and
+    the in-process floor."""
     goals = targets(tiny, big)
     tiny_pairs = _pairs_table("student (tiny): side by side", tiny)
     big_pairs = _pairs_table("GPT-2-124M-shaped (random weights): side by side", big)
@@ -183,7 +240,11 @@ def peers_report(
         _levels_table("GPT-2-124M-shaped: every level", big),
     ]
     if greedy:
-        tables.append(Table.from_records("greedy output: slimserve vs vLLM", greedy))
+        tables.append(Table.from_records("greedy output: slimserve vs the peers", greedy))
+    if llama:
+        tables.append(Table.from_records("the peer: llama.cpp llama-server", [llama]))
+    if floor:
+        tables.append(floor_table(floor))
     charts = _tok_chart("student: output tokens/s", 1, tiny_pairs)
     charts += _tok_chart("GPT-2-124M-shaped: output tokens/s", 2, big_pairs)
     notes = [
@@ -193,19 +254,22 @@ def peers_report(
         _rounds_note(settings),
         "Every server serves the same weights: slimserve from serve_config.yaml (the 124M model "
         "with the student's settings), vLLM's OpenAI server (float32, max-model-len 128) from "
-        "its own venv, the Flask baseline (tiny student only) with 2 torch threads.",
+        "its own venv, llama-server on a GGUF converted from the same folder (float32; on the "
+        "124M model also q8_0, its int8 weights) with one slot of 128 tokens per client of the "
+        "top level, continuous batching and prompt caching off, the Flask baseline (tiny student "
+        "only) with 2 torch threads.",
     ]
-    if peer.get("status") != "installed":
-        notes.append(f"vLLM did not run: {peer.get('status')}. Its columns are empty.")
-    for key, value in peer.items():
-        if key.startswith("run (") and value != "ran":
-            notes.append(f"vLLM, {key[5:-1]}: {value}")
-    for model in dict.fromkeys(g.get("model") for g in greedy):
-        rows = [g for g in greedy if g.get("model") == model]
-        same = sum(1 for g in rows if g["identical"])
+    notes += _peer_notes("vLLM", peer, "installed")
+    notes += _peer_notes("llama-server", llama or {}, "built")
+    notes += _greedy_notes(greedy) + _llama_notes(tiny, big)
+    if floor:
         notes.append(
-            f"greedy output ({model}): {same} of {len(rows)} prompts identical token for token "
-            "between slimserve and vLLM."
+            "In-process floor: CTranslate2 has no server and cannot add a request to a running "
+            "batch, so it is measured in this process, not raced over HTTP: one request at a "
+            "time (ms per output token over the 16 prompts) and 16 prompts in one "
+            "generate_batch call (tok/s), greedy, exactly 64 tokens each, beside slimserve's "
+            "engine measured the same way (bench.engine_bench; its one-request figure is "
+            "1000 / tok/s of the first prompt alone)."
         )
     notes += [
         f"target missed: {g['target']}: {g['measured']}x ({g['miss']})"

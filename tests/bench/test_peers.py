@@ -140,7 +140,7 @@ def test_race_leaves_out_a_server_that_died(monkeypatch):
         calls.append((label, streams[0], concurrencies[0]))
         return {label: [LevelResult(concurrencies[0], streams[0], 1.0)]}
 
-    monkeypatch.setattr("bench.peers.run_levels", fake_levels)
+    monkeypatch.setattr("bench.peers_race.run_levels", fake_levels)
     servers = {"slimserve": ("u", "m"), "vllm": ("v", "m")}
     plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
     levels = race(servers, plan, (1, 4), PeerMeter({}), {}, {"vllm": lambda: False})
@@ -162,7 +162,7 @@ def test_race_rounds_rotate_the_order_and_keep_each_servers_median(monkeypatch):
         result = RequestResult(True, 0.1, output_tokens=tokens)
         return {label: [LevelResult(concurrencies[0], streams[0], 1.0, [result])]}
 
-    monkeypatch.setattr("bench.peers.run_levels", fake_levels)
+    monkeypatch.setattr("bench.peers_race.run_levels", fake_levels)
     servers = {"slimserve": ("u", "m"), "vllm": ("v", "m"), "baseline": ("b", "m")}
     plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
     levels = race(servers, plan, (16,), PeerMeter({}), {}, rounds=3)
@@ -183,8 +183,8 @@ def test_race_rounds_rotate_the_order_and_keep_each_servers_median(monkeypatch):
     assert len(rows["baseline"]) == 2 and "rounds_tok_s" not in rows["baseline"][0]
 
 
-def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
-    from bench import peers
+def test_compare_greedy_drops_a_trailing_eos(monkeypatch):
+    from bench import peer_greedy
 
     replies = {"The river flows": ([4, 5, 6], [4, 5, 6, 9]), "He said": ([4, 5], [4, 7, 9])}
 
@@ -195,16 +195,24 @@ def test_compare_greedy_drops_vllms_trailing_eos(monkeypatch):
         if url.endswith("/compare"):
             teacher = {"model": "teacher", "token_ids": [1, 1]}  # /compare's reference comes first
             return {"results": [teacher, {"model": "m", "token_ids": ours}]}
-        assert body["return_token_ids"] is True and body["temperature"] == 0
-        return {"choices": [{"token_ids": theirs}]}
+        if url == "v/v1/completions":
+            assert body["return_token_ids"] is True and body["temperature"] == 0
+            return {"choices": [{"token_ids": theirs}]}
+        assert url == "l/completion" and body["cache_prompt"] is False and body["return_tokens"]
+        assert body["temperature"] == 0 and body["n_predict"] == 8
+        return {"tokens": theirs}
 
-    monkeypatch.setattr(peers, "_post", fake_post)
-    rows = {r["prompt"]: r for r in peers.compare_greedy("s", "v", "m", 8, eos=9)}
-    assert rows["The river flows"]["identical"] is True
-    said = rows["He said"]
-    assert said["identical"] is False and said["matching_prefix"] == 1
-    assert (said["slimserve_tokens"], said["vllm_tokens"]) == (2, 2)
-    assert rows["A"]["error"] == "OSError: connection refused" and not rows["A"]["identical"]
+    monkeypatch.setattr(peer_greedy, "_post", fake_post)
+    for peer, theirs in (
+        ("vLLM", peer_greedy.vllm_ids("v", "m", 8)),
+        ("llama-server", peer_greedy.llama_ids("l", 8)),
+    ):
+        rows = {r["prompt"]: r for r in peer_greedy.compare_greedy("s", peer, theirs, "m", 8, 9)}
+        assert rows["The river flows"]["identical"] is True
+        said = rows["He said"]
+        assert said["identical"] is False and said["matching_prefix"] == 1
+        assert (said["slimserve_tokens"], said["peer_tokens"], said["peer"]) == (2, 2, peer)
+        assert rows["A"]["error"] == "OSError: connection refused" and not rows["A"]["identical"]
 
 
 def test_peer_meter_forgets_an_exited_process():
@@ -232,14 +240,24 @@ def test_parse_args_defaults_are_the_race_settings():
         assert getattr(plan, field) == getattr(race, field)
     assert plan.concurrencies == (1, 4, 16, 32) and plan.big_concurrencies == (1, 16)
     assert plan.peer and plan.big and plan.venv == ".venv-vllm"
+    assert plan.llama and plan.ct2 and plan.llama_jobs == 2
     assert (plan.rounds, plan.big_rounds, plan.once) == (3, 1, frozenset({"baseline"}))
     small = parse_args(["--concurrency", "1", "4", "--no-vllm", "--no-big", "--max-tokens", "8"])
     assert small.concurrencies == (1, 4) and not small.peer and not small.big
     assert small.max_tokens == 8 and "--no-vllm" in small.command
+    quiet = parse_args(["--no-llama", "--no-ct2", "--llama-jobs", "4"])
+    assert not quiet.llama and not quiet.ct2 and quiet.llama_jobs == 4
 
 
 @pytest.mark.parametrize(
-    "bad", [["--concurrency", "0"], ["--max-tokens", "0"], ["--rounds", "0"], ["--x"]]
+    "bad",
+    [
+        ["--concurrency", "0"],
+        ["--max-tokens", "0"],
+        ["--rounds", "0"],
+        ["--llama-jobs", "0"],
+        ["--x"],
+    ],
 )
 def test_parse_args_rejects(bad, capsys):
     with pytest.raises(SystemExit):
@@ -309,6 +327,67 @@ def test_report_with_and_without_the_peer(tmp_path):
     report = peers_report(lone, {}, peer=missing, greedy=[], settings=settings, command=None)
     assert any("vLLM did not run: not installed: offline" in n for n in report.notes)
     assert read_report(write_report(report, tmp_path, png=False)[0]).report is not None
+
+
+def test_report_with_llama_server_and_the_floor(tmp_path):
+    settings = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
+    tiny = {"slimserve": _rows(100, 50), "llama-server": _rows(40, 100)}
+    big = {"slimserve": _rows(10, 1), "llama-server-q8": _rows(20, 1)}
+    vllm = {"peer": "vLLM", "status": "not requested"}
+    llama = {"peer": "llama.cpp llama-server", "status": "built", "run (m f32)": "ran"}
+    llama["run (gpt2 q8_0)"] = "not started: llama-server exited with 1: bad magic"
+    greedy = [
+        {"model": "m", "peer": "vLLM", "prompt": "a", "identical": True},
+        {"model": "m", "peer": "llama-server", "prompt": "a", "identical": True},
+        {"model": "m", "peer": "llama-server", "prompt": "b", "identical": False},
+    ]
+    floor = [
+        {"model": "m", "engine": "slimserve engine (torch, float32)", "one_ms_per_token": 0.5,
+         "batch": 16, "batch_tok_s": 9000.0, "tokens_per_request": 64, "threads": 2},
+        {"model": "m", "engine": "CTranslate2", "status": "ctranslate2 is not installed"},
+    ]  # fmt: skip
+    report = peers_report(
+        tiny, big, peer=vllm, greedy=greedy, settings=settings, command=None, llama=llama,
+        floor=floor,
+    )  # fmt: skip
+    notes = "\n".join(report.notes)
+    assert "between slimserve and llama-server" in notes and "(m): 1 of 2 prompts" in notes
+    assert "(m): 1 of 1 prompts identical token for token between slimserve and vLLM" in notes
+    assert "llama-server, gpt2 q8_0: not started: llama-server exited with 1: bad magic" in notes
+    assert "student, 16 clients: slimserve (torch) / llama-server tok/s = 2.5x" in notes
+    assert "124M-shaped, 16 clients: slimserve (torch) / llama-server-q8 tok/s = 0.5x" in notes
+    assert "In-process floor: CTranslate2 has no server" in notes
+    pairs = report.tables[1]
+    assert pairs.columns[1:3] == ["slimserve_tok_s", "slimserve_stream_tok_s"]
+    assert "llama-server_tok_s" in pairs.columns
+    titles = [t.title for t in report.tables]
+    assert "the peer: llama.cpp llama-server" in titles
+    table = report.tables[-1]
+    assert table.title.startswith("in-process floor") and table.rows[1][-1].startswith("ctransl")
+    assert read_report(write_report(report, tmp_path, png=False)[0]).report is not None
+
+
+def test_report_says_in_one_line_why_llama_server_is_missing(tmp_path, monkeypatch):
+    from bench import peer_llamacpp
+
+    monkeypatch.setattr(peer_llamacpp.shutil, "which", lambda tool: None)
+    row, built = peer_llamacpp.status(cache=tmp_path / "llama.cpp", log=lambda _: None)
+    assert (
+        built is None
+        and row["status"] == "not built: no cmake on PATH (apt-get install -y cmake g++)"
+    )
+    assert peer_llamacpp.status(False)[0]["status"] == "not requested"
+    settings = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
+    vllm = {"peer": "vLLM", "status": "installed"}
+    report = peers_report(
+        {"slimserve": _rows(100, 50)}, {}, peer=vllm, greedy=[], settings=settings, command=None,
+        llama=row,
+    )  # fmt: skip
+    lines = [n for n in report.notes if "llama-server" in n and "did not run" in n]
+    assert lines == [
+        "llama-server did not run: not built: no cmake on PATH (apt-get install -y cmake g++). "
+        "Its columns are empty."
+    ]
 
 
 # -- the 124M-shaped model's plumbing (not the model: that takes 0.5 GB) ------------------------
