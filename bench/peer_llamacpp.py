@@ -43,6 +43,7 @@ CACHE = ROOT / ".cache" / "llama.cpp"
 SDIST = "llama-cpp-python"
 VERSION = "0.3.36"
 ERROR_LINE = re.compile(r"^\w*(?:Error|Exception): ")
+CAUSE = re.compile(r"\berror:|\] Killed$|fatal|No space left|CMake Error")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",
@@ -81,15 +82,25 @@ def logged(log: Path) -> Runner:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
-        tail = _tail_text(log.read_text(errors="replace")[-4000:])
+        tail = log.read_text(errors="replace")[-8000:]
         return subprocess.CompletedProcess(cmd, proc.returncode, tail, tail)
 
     return run
 
 
+def _why(output: str) -> str:
+    """The cause of a failed step: its last compiler error or killed job, else its last lines
+    (make's own `Error 2` trailer says nothing about why)."""
+    causes = [ln.strip() for ln in output.splitlines() if CAUSE.search(ln)]
+    if not causes:
+        return _tail_text(output)
+    killed = " (a compiler was killed: out of memory? fewer jobs use less)"
+    return causes[-1][:300] + (killed if causes[-1].endswith("Killed") else "")
+
+
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:
     if proc.returncode != 0:
-        why = _tail_text(proc.stderr or proc.stdout or "")
+        why = _why(proc.stderr or proc.stdout or "")
         raise PeerError(f"{what} failed (exit {proc.returncode}): {why}")
 
 

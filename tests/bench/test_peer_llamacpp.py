@@ -275,6 +275,11 @@ def test_build_failure_is_a_reason_and_leaves_no_stamp(tmp_path, monkeypatch):
     with pytest.raises(PeerError, match="cmake --build failed .exit 1.: error: ggml.c: boom"):
         peer_llamacpp.build(tmp_path, "9.9", run=run, log=lambda _: None)
     assert peer_llamacpp.read_stamp(tmp_path) is None
+    killed = "[ 12%] Building tiled.cpp.o\ngmake[3]: *** [build.make:188: tiled.cpp.o] Killed\n"
+    killed += "gmake[2]: *** [Makefile2:719: all] Error 2\ngmake: *** [Makefile:507] Error 2\n"
+    why = peer_llamacpp._why(killed)
+    assert why.startswith("gmake[3]: *** [build.make:188: tiled.cpp.o] Killed (a compiler was")
+    assert peer_llamacpp._why("a\nb\nc\nd\n") == "b | c | d"
 
 
 def test_server_command_and_a_server_that_dies(tmp_path):
