@@ -7,35 +7,48 @@ call. Only the events travel another way. Sent back as the items of a Serve stre
 each message costs both processes a gRPC round of its own (about 0.9 ms of CPU on a 2-core
 machine; reports/profile_serving.md), so streaming cost a third more CPU per token than a
 non-streamed answer. Here the replica writes them to a TCP connection the ingress listens on
-(its `Inbox`), and one write per event-loop turn carries the events of every stream that turn
-produced, for every request from that ingress: at 16 streams, about one write per engine step
-instead of one message per stream. This is how vLLM's engine core hands its API server one
-batch of outputs per step.
+(its `Inbox`; the replica's end is deployments.outbox), and one write per event-loop turn
+carries the events of every stream that turn produced, for every request from that ingress: at
+16 streams, about one write per engine step instead of one message per stream. This is how
+vLLM's engine core hands its API server one batch of outputs per step.
 
-Wire format: msgpack. The replica's first message is the inbox's key (a random token the
-ingress hands out with each call, so only processes that received a call through Ray can
-write events); after it, every message is a list of `[request id, [event, ...]]` pairs, each
-event list being one message of deployments.model's `stream` (so the SSE frames are the same).
-A connection whose first message is not the key, or that sends none within KEY_TIMEOUT_S, is
-closed. Events are plain dicts, and msgpack decodes data only, never code.
+Wire format: msgpack. The replica's first message is `[key, connection id]`: the inbox's key
+(a random token the ingress hands out with each call, so only processes that received a call
+through Ray can write events) and a random id of this connection. After it, every message is
+a list of `[request id, [event, ...]]` pairs, each event list being one message of
+deployments.model's `stream` (so the SSE frames are the same). Events are plain dicts, and
+msgpack decodes data only, never code.
 
-Failure handling: the ingress learns that a replica died from the Serve call (RayActorError),
-not from the socket, so replica loss is retried or reported by deployments.replica_client as
-before. A replica that cannot reach the inbox answers `{"unreachable": reason}` without
-generating; the ingress then streams through Serve's own responses from then on (logged once).
-An ingress that goes away makes the replica's next write fail, which ends the call and frees
-its batch slots.
+Before the key is verified a connection costs the ingress almost nothing: at most
+KEY_MAX_BYTES are read (the key message is about 60 bytes), within KEY_TIMEOUT_S, at most
+MAX_UNAUTHENTICATED such connections at once (more are closed at once), and the key is compared
+in constant time. Only a verified connection gets the unpacker that buffers up to
+MAX_BUFFER_BYTES. The channel is meant for a trusted cluster network all the same (anyone who
+can reach the port can hold those unauthenticated slots); `args.ingress.stream_channel: false`
+turns it off.
+
+Failure handling. The ingress learns that a replica died from the Serve call (RayActorError),
+not from the socket. The call's reply says how many event lists the replica wrote and on which
+connection, so the ingress knows at once whether some are still missing. A connection that is
+lost (a reset, a bad frame, `Inbox.cut`, keepalive or TCP_USER_TIMEOUT giving up on a peer
+that is gone) fails the streams it carried, and only those, with ChannelLost: retried like a
+lost replica before the stream's first SSE frame (deployments.replica_client), an error event
+and `[DONE]` after it (deployments.serving). A replica that cannot reach the inbox answers
+`{"unreachable": reason}` without generating; the ingress then streams that variant through
+Serve's own responses for a while and tries the socket again later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import secrets
 import socket
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -45,71 +58,151 @@ log = logging.getLogger("ray.serve")
 Event = dict[str, Any]
 
 END_GRACE_S = 10.0
-"""How long the ingress waits, after a replica's call returned, for the stream's last events
-(they were written before it returned, but travel on the socket, not with the reply)."""
-CONNECT_TIMEOUT_S = 5.0
-"""A replica that cannot connect to the inbox within this answers `unreachable`."""
-KEY_TIMEOUT_S = 10.0
+"""How long the ingress waits, after a replica's call returned, for event lists the reply says
+were written but that have not arrived yet on a connection that is still open."""
+CONNECT_TIMEOUT_S = 2.0
+"""A replica that cannot connect to the inbox within this answers `unreachable`. A connect
+inside a cluster takes well under a millisecond; 2 s leaves room for one lost SYN (resent
+after 1 s) and bounds what the request that found the inbox unreachable waits."""
+KEY_TIMEOUT_S = 2.0
 """A connection that has not sent the inbox's key by then is closed."""
+KEY_MAX_BYTES = 256
+"""A connection whose first KEY_MAX_BYTES bytes do not hold the key message is closed."""
+MAX_UNAUTHENTICATED = 64
+"""Connections that have not sent the key yet, at most; one more is closed at once."""
+MAX_MESSAGE_BYTES = 16 << 20
+"""The largest message a replica writes (deployments.outbox splits bigger writes, and fails
+the one stream whose single event list would exceed it)."""
+MAX_BUFFER_BYTES = 2 * MAX_MESSAGE_BYTES + (1 << 20)
+"""What a verified connection's unpacker may hold: one whole message and the next read."""
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+"""TCP keepalive on both ends: a silent connection is probed after 5 s, then every 2 s, and
+dropped after 3 unanswered probes (a peer gone without a word is seen in about 11 s)."""
+USER_TIMEOUT_S = 10
+"""TCP_USER_TIMEOUT (Linux) on both ends: data left unacknowledged this long drops the
+connection, so a replica writing to an ingress that vanished fails in 10 s, not in minutes."""
+RECENT_LOST = 4096  # connection ids remembered after their loss
 CALL_DONE = object()  # queued when the Serve call returns or fails
+LOST = object()  # queued when the connection that carried the stream is lost
 
 
 class ChannelUnreachable(Exception):
     """The replica could not connect to this ingress's inbox (nothing was generated)."""
 
 
-class Inbox:
-    """The ingress's listening socket; hands each request the event lists sent for it."""
+class ChannelLost(ConnectionError):
+    """The connection that carried a stream's events was lost, or some of its events never
+    arrived: safe to send again before the stream's first SSE frame."""
 
-    def __init__(self, host: str | None = None):
+
+def tune_socket(sock: socket.socket | None) -> None:
+    """Keepalive and TCP_USER_TIMEOUT on one end of a channel connection (where supported)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = [
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", USER_TIMEOUT_S * 1000),  # milliseconds
+    ]
+    for name, value in options:
+        option = getattr(socket, name, None)  # Linux has all four; others some
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+class Inbox:
+    """The ingress's listening socket; hands each request the event lists sent for it.
+
+    `host`: where to listen; else `locate()` says (once, when it starts); else this node's
+    address. A wildcard host ("0.0.0.0") listens everywhere and tells replicas this node's
+    address.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        locate: Callable[[], Awaitable[str | None]] | None = None,
+        port: int = 0,
+    ):
         self.host = host
+        self.locate = locate
+        self.port = port
         self.key = secrets.token_hex(16)
         self.address: str | None = None  # "host:port" once listening
         self.target: dict[str, str] = {}  # what a replica needs to connect, once listening
-        self.queues: weakref.WeakValueDictionary[str, asyncio.Queue[Any]] = (
+        self.streams: weakref.WeakValueDictionary[str, ChannelStream] = (
             weakref.WeakValueDictionary()
         )
         self.readers: set[_Reader] = set()  # open connections from replicas
+        self.strangers = 0  # of them, those that have not sent the key yet
+        self.lost: dict[str, None] = {}  # ids of recently lost connections (oldest first)
         self._server: asyncio.Server | None = None
         self._starting = asyncio.Lock()
 
     async def start(self) -> str:
-        """Listen (once) on this node's address, on a free port; returns "host:port"."""
+        """Listen (once) on a free port; returns the "host:port" replicas connect to."""
         if self.address is not None:
             return self.address
         async with self._starting:
             if self.address is None:
-                host = self.host or node_address()
+                host = self.host or (await self.locate() if self.locate else None)
+                host = host or node_address()
                 loop = asyncio.get_running_loop()
-                self._server = await loop.create_server(lambda: _Reader(self), host, 0)
+                self._server = await loop.create_server(lambda: _Reader(self), host, self.port)
                 port = self._server.sockets[0].getsockname()[1]
-                self.address = f"{host}:{port}"
+                shown = node_address() if host in ("0.0.0.0", "::") else host
+                self.address = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
                 self.target = {"address": self.address, "key": self.key}
-                log.info("stream events inbox listening on %s", self.address)
+                log.info("stream events inbox listening on %s (bound to %s)", self.address, host)
         return self.address
 
     def open(self, handle: DeploymentHandle, payload: dict[str, Any]) -> ChannelStream:
         """Start one streamed call whose events come to this inbox (after `start`)."""
         assert self.address is not None, "Inbox.start() first"
         rid = secrets.token_hex(8)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.queues[rid] = queue
         response = handle.stream_to.remote(payload, self.target, rid)
-        return ChannelStream(self, rid, queue, response)
+        stream = ChannelStream(self, rid, response)
+        self.streams[rid] = stream
+        return stream
 
-    def deliver(self, pairs: Iterable[Any]) -> None:
+    def deliver(self, pairs: Iterable[Any], reader: _Reader | None = None) -> None:
         """Hand each `[request id, events]` pair to its request (gone requests: dropped)."""
         for rid, events in pairs:
-            queue = self.queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(events)
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.push(events, reader)
+
+    def connection_lost(self, reader: _Reader) -> None:
+        """A replica's connection closed: the streams it carried get no more events."""
+        self.readers.discard(reader)
+        if reader.conn is None:
+            return
+        self.lost[reader.conn] = None
+        while len(self.lost) > RECENT_LOST:
+            del self.lost[next(iter(self.lost))]
+        for stream in list(self.streams.values()):
+            if stream.reader is reader:
+                stream.queue.put_nowait(LOST)
+
+    def cut(self) -> int:
+        """Close every replica's connection from this end (the replicas connect again on
+        their next call); returns how many were open."""
+        readers = list(self.readers)
+        for reader in readers:
+            reader.close()
+        return len(readers)
 
     def close(self) -> None:
         """Stop listening and drop every replica's connection."""
         if self._server is not None:
             self._server.close()
-        for reader in list(self.readers):
-            reader.close()
+        self.cut()
 
 
 class _Reader(asyncio.Protocol):
@@ -117,40 +210,91 @@ class _Reader(asyncio.Protocol):
 
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
-        self.trusted = False
+        self.head = bytearray()  # what came before the key was verified (< KEY_MAX_BYTES kept)
+        self.unpacker: msgpack.Unpacker | None = None  # made once the key is verified
+        self.conn: str | None = None  # the connection's id, from its key message
         self.transport: asyncio.Transport | None = None
+        self._overdue: asyncio.TimerHandle | None = None
+
+    @property
+    def trusted(self) -> bool:
+        return self.unpacker is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.inbox.strangers >= MAX_UNAUTHENTICATED:
+            log.warning("stream events inbox: too many connections without a key; closing one")
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.inbox.strangers += 1
         self.inbox.readers.add(self)
-        asyncio.get_running_loop().call_later(KEY_TIMEOUT_S, self._key_overdue)
-
-    def _key_overdue(self) -> None:
-        if not self.trusted:
-            log.warning("stream events inbox: dropping a connection that sent no key")
-            self.close()
+        tune_socket(transport.get_extra_info("socket"))
+        loop = asyncio.get_running_loop()
+        self._overdue = loop.call_later(KEY_TIMEOUT_S, self._drop, "it sent no key in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.inbox.readers.discard(self)
+        if self not in self.inbox.readers:
+            return  # refused at once, or already counted
+        if not self.trusted:
+            self.inbox.strangers -= 1
+        if self._overdue is not None:
+            self._overdue.cancel()
+        self.inbox.connection_lost(self)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
+    def _drop(self, why: str) -> None:
+        log.warning("stream events inbox: dropping a connection (%s)", why)
+        if self.transport is not None:
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
-        self.unpacker.feed(data)
+        if self.unpacker is None:
+            data = self._verify(data)
+            if self.unpacker is None or not data:
+                return
         try:
+            self.unpacker.feed(data)
             for message in self.unpacker:
-                if self.trusted:
-                    self.inbox.deliver(message)
-                elif message == self.inbox.key:
-                    self.trusted = True
-                else:
-                    raise ValueError("wrong key")
-        except Exception as exc:  # a stranger, or a message not in the format
-            log.warning("stream events inbox: dropping a connection (%s)", exc)
-            self.close()
+                self.inbox.deliver(message, self)
+        except Exception as exc:  # a message not in the format, or too big
+            self._drop(repr(exc))
+
+    def _verify(self, data: bytes) -> bytes:
+        """Read the key message from the first KEY_MAX_BYTES; returns what follows it (once
+        verified), or b"" while it is incomplete or after dropping the connection."""
+        self.head += data
+        reader = msgpack.Unpacker(raw=False, max_buffer_size=KEY_MAX_BYTES)
+        reader.feed(bytes(self.head[:KEY_MAX_BYTES]))
+        try:
+            hello = reader.unpack()
+        except msgpack.OutOfData:
+            if len(self.head) >= KEY_MAX_BYTES:
+                self._drop(f"no key in its first {KEY_MAX_BYTES} bytes")
+            else:
+                self.head = self.head[:KEY_MAX_BYTES]
+            return b""
+        except Exception as exc:
+            self._drop(f"bad key message: {exc!r}")
+            return b""
+        if not (
+            isinstance(hello, list)
+            and len(hello) == 2
+            and all(isinstance(part, str) for part in hello)
+            and hmac.compare_digest(hello[0].encode(), self.inbox.key.encode())
+        ):
+            self._drop("wrong key")
+            return b""
+        rest = bytes(self.head[reader.tell() :])
+        self.head = bytearray()
+        self.conn = hello[1]
+        self.inbox.strangers -= 1
+        if self._overdue is not None:
+            self._overdue.cancel()
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_BUFFER_BYTES)
+        return rest
 
 
 class ChannelStream:
@@ -158,16 +302,22 @@ class ChannelStream:
     deployments.serving: `__anext__` gives the replica's event lists in order, then raises
     StopAsyncIteration once the call has returned; `cancel()` cancels the call."""
 
-    def __init__(
-        self, inbox: Inbox, rid: str, queue: asyncio.Queue[Any], response: DeploymentResponse
-    ):
+    def __init__(self, inbox: Inbox, rid: str, response: DeploymentResponse):
         self.inbox = inbox
         self.rid = rid
-        self.queue = queue
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.response = response
+        self.reader: _Reader | None = None  # the connection its events came on
+        self.received = 0  # event lists delivered
         self.call: asyncio.Future[Any] = asyncio.ensure_future(_result(response))
-        self.call.add_done_callback(lambda _: queue.put_nowait(CALL_DONE))
+        self.call.add_done_callback(lambda _: self.queue.put_nowait(CALL_DONE))
         self.ended = False  # the `end` (or an `error`) event was handed out
+        self.grace_until: float | None = None  # set once the call returned with lists missing
+
+    def push(self, events: list[Event], reader: _Reader | None) -> None:
+        self.reader = reader
+        self.received += 1
+        self.queue.put_nowait(events)
 
     def __aiter__(self) -> ChannelStream:
         return self
@@ -177,26 +327,44 @@ class ChannelStream:
             await self.call
             self._forget()
             raise StopAsyncIteration
-        grace_until: float | None = None  # set once the call has returned
         while True:
-            if grace_until is None:
-                item = await self.queue.get()
-            else:
-                try:
-                    async with asyncio.timeout_at(grace_until):
-                        item = await self.queue.get()
-                except TimeoutError:
-                    self._forget()
-                    raise ConnectionError("the stream's last events never arrived") from None
+            item = await self._next()
+            if item is LOST:
+                self._forget()
+                raise ChannelLost("the connection carrying this stream's events was lost")
             if item is not CALL_DONE:
                 self.ended = any(e["event"] in ("end", "error") for e in item)
                 return item
-            result = self.call.result()  # raises what the call raised (a lost replica)
-            if "unreachable" in result:
-                self._forget()
-                raise ChannelUnreachable(result["unreachable"])
-            # The call returned after writing every event: the rest are still on the socket.
-            grace_until = asyncio.get_running_loop().time() + END_GRACE_S
+            self._returned()
+
+    async def _next(self) -> Any:
+        if self.grace_until is None:
+            return await self.queue.get()
+        try:
+            async with asyncio.timeout_at(self.grace_until):
+                return await self.queue.get()
+        except TimeoutError:
+            self._forget()
+            raise ChannelLost("the stream's last events never arrived") from None
+
+    def _returned(self) -> None:
+        """The call returned: raise what it says, StopAsyncIteration when every list it
+        wrote was handed out, else start the grace for the lists still on the socket."""
+        result = self.call.result()  # raises what the call raised (a lost replica)
+        if "unreachable" in result:
+            self._forget()
+            raise ChannelUnreachable(result["unreachable"])
+        if "lost" in result:
+            self._forget()
+            raise ChannelLost(result["lost"])
+        if self.received >= result["sent"]:
+            self._forget()
+            raise StopAsyncIteration
+        if result["conn"] in self.inbox.lost:
+            self._forget()
+            missing = result["sent"] - self.received
+            raise ChannelLost(f"{missing} event list(s) lost with the connection")
+        self.grace_until = asyncio.get_running_loop().time() + END_GRACE_S
 
     def cancel(self) -> None:
         """Stop the replica's generation (best effort) and drop the events still coming."""
@@ -206,116 +374,31 @@ class ChannelStream:
             self.response.cancel()
 
     def _forget(self) -> None:
-        self.inbox.queues.pop(self.rid, None)
+        self.inbox.streams.pop(self.rid, None)
 
 
 async def _result(response: DeploymentResponse) -> Any:
     return await response
 
 
-class Outbox:
-    """A replica's connection to one ingress's inbox, shared by every request from it.
-
-    `send` only queues; one write per event-loop turn carries all that was queued in it (the
-    streams of one engine step wake together, so it is about one write per step).
-    """
-
-    def __init__(self, transport: asyncio.WriteTransport, protocol: _Writer):
-        self.transport = transport
-        self.protocol = protocol
-        self.pending: list[list[Any]] = []
-        self.flushed: asyncio.Future[None] | None = None  # set while a flush is scheduled
-        self.packer = msgpack.Packer()
-
-    @classmethod
-    async def connect(cls, address: str, key: str) -> Outbox:
-        """Connect and send the key; OSError (TimeoutError after CONNECT_TIMEOUT_S included)
-        when the inbox cannot be reached."""
-        host, port = address.rsplit(":", 1)
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):  # a firewall that drops packets
-            transport, protocol = await loop.create_connection(_Writer, host, int(port))
-        transport.write(msgpack.packb(key))
-        return cls(transport, protocol)
-
-    @property
-    def broken(self) -> bool:
-        return self.protocol.lost or self.transport.is_closing()
-
-    def send(self, rid: str, events: list[Event]) -> None:
-        """Queue one event list for request `rid`; raises ConnectionError once the ingress is
-        gone (the caller's generation then stops)."""
-        if self.broken:
-            raise ConnectionError("the ingress's stream events inbox is gone")
-        if self.flushed is None:
-            loop = asyncio.get_running_loop()
-            self.flushed = loop.create_future()
-            loop.call_soon(self.flush)
-        self.pending.append([rid, events])
-
-    def flush(self) -> None:
-        if self.pending and not self.broken:
-            self.transport.write(self.packer.pack(self.pending))
-        self.pending = []
-        if self.flushed is not None:
-            self.flushed.set_result(None)
-            self.flushed = None
-
-    async def drain(self) -> None:
-        """Wait until what is queued is written (with the rest of this loop turn's events)
-        and the socket has taken it."""
-        if self.flushed is not None:
-            await asyncio.shield(self.flushed)
-        await self.protocol.drained()
-        if self.broken:
-            raise ConnectionError("the ingress's stream events inbox is gone")
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-class _Writer(asyncio.Protocol):
-    """The replica's end: nothing is read; tracks loss and write pressure."""
-
-    def __init__(self) -> None:
-        self.lost = False
-        self._resumed: asyncio.Event | None = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self._resumed is not None:
-            self._resumed.set()
-
-    def pause_writing(self) -> None:
-        self._resumed = asyncio.Event()
-
-    def resume_writing(self) -> None:
-        if self._resumed is not None:
-            self._resumed.set()
-            self._resumed = None
-
-    async def drained(self) -> None:
-        while self._resumed is not None and not self.lost:
-            await self._resumed.wait()
-
-
-class Outboxes:
-    """A replica's connections, one per ingress inbox address, made on first use."""
-
-    def __init__(self) -> None:
-        self.boxes: dict[str, Outbox] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
-
-    async def get(self, target: dict[str, str]) -> Outbox:
-        address = target["address"]
-        box = self.boxes.get(address)
-        if box is not None and not box.broken:
-            return box
-        lock = self.locks.setdefault(address, asyncio.Lock())
-        async with lock:
-            box = self.boxes.get(address)
-            if box is None or box.broken:
-                for gone in [a for a, b in self.boxes.items() if b.broken]:  # old ingresses
-                    del self.boxes[gone]
-                box = self.boxes[address] = await Outbox.connect(address, target["key"])
-        return box
+def bind_host(setting: str | None, http_host: str | None, nodes: int) -> str | None:
+    """Where the inbox listens: `setting` when given; loopback when the HTTP front is bound
+    to loopback on a one-node cluster (no replica elsewhere needs it); else None (this
+    node's address)."""
+    if setting:
+        return setting
+    if http_host is not None and is_loopback(http_host) and nodes == 1:
+        return "127.0.0.1"
+    return None
 
 
 def node_address() -> str:

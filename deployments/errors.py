@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.channel import ChannelLost
 from deployments.messages import error
 from slimserve.protocol import ErrorBody, ErrorResponse
 
@@ -145,8 +146,9 @@ def install(app: FastAPI) -> None:
 
 # -- Serve's failures of a replica call, as HTTP errors -------------------------------------
 
-RETRYABLE = (RayActorError, DeploymentUnavailableError)
-"""A replica died or is unreachable (ActorDiedError, ActorUnavailableError): safe to resend."""
+RETRYABLE = (RayActorError, DeploymentUnavailableError, ChannelLost)
+"""A replica died or is unreachable (ActorDiedError, ActorUnavailableError), or the connection
+that carried a stream's events was lost (deployments.channel): safe to resend."""
 
 
 class ReplicaOverloaded(Exception):
@@ -169,8 +171,12 @@ def replica_error(data: dict[str, Any]) -> Exception:
 def stream_error(exc: Exception) -> dict[str, Any]:
     """The error event of a stream that broke after its first frame (then `[DONE]` follows).
 
-    A lost replica is a 503 (retry the request); anything else is a 500.
+    A lost replica or a lost events connection is a 503 (retry the request); anything else is
+    a 500.
     """
+    if isinstance(exc, ChannelLost):
+        msg = f"the connection carrying this stream was lost ({exc}); retry the request"
+        return envelope(error(503, msg))
     if isinstance(exc, RETRYABLE):
         msg = f"the replica serving this stream was lost ({type(exc).__name__}); retry the request"
         return envelope(error(503, msg))
@@ -188,6 +194,6 @@ def unavailable(exc: Exception) -> Exception:
             f"server overloaded: {exc.message} Retry later.",
             headers={"Retry-After": str(retry)},
         )
-    if isinstance(exc, DeploymentUnavailableError | RayActorError):
+    if isinstance(exc, RETRYABLE):
         return ApiError(503, f"model unavailable ({type(exc).__name__}); retry later")
     return exc

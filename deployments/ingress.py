@@ -7,13 +7,22 @@ This module holds the Serve deployment and its routes only: generation and the S
 deployments.serving's, the replica calls (deadline, retries, overload, the outage window and
 how each failure maps to an HTTP error) deployments.replica_client's, `/compare`
 deployments.compare's. CORS is off unless SLIMSERVE_CORS_ORIGINS lists origins.
+
+At start the ingress asks Serve's controller where the HTTP front listens
+(`http_options.host`): it warns when that is not loopback and no API key is set, and, unless
+`stream_channel_host` says otherwise, its events inbox listens on loopback too when the front
+is loopback on a one-node cluster (deployments.channel `bind_host`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
@@ -21,7 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import compare, serving
-from deployments.channel import Inbox
+from deployments.channel import Inbox, bind_host, is_loopback
 from deployments.errors import ApiError, install
 from deployments.middleware import Guard
 from deployments.replica_client import ReplicaClient
@@ -41,6 +50,7 @@ from slimserve.protocol import (
     ModelList,
 )
 
+log = logging.getLogger("ray.serve")
 CORS_ENV = "SLIMSERVE_CORS_ORIGINS"
 """Comma-separated origins allowed to call the API from a browser; unset = CORS off."""
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -66,7 +76,9 @@ class Ingress:
     ):
         self.models = models
         self.settings = IngressSettings.model_validate(settings)
-        inbox = Inbox() if self.settings.stream_channel else None
+        inbox = None
+        if self.settings.stream_channel:
+            inbox = Inbox(host=self.settings.stream_channel_host, locate=self._inbox_host)
         self.client = ReplicaClient(self.settings.request_timeout_s, inbox=inbox)
         self.cards = [ModelCard.model_validate(c) for c in catalogue["cards"]]
         self.profile: str = catalogue["profile"]
@@ -76,9 +88,65 @@ class Ingress:
         # Read once per replica: a key set in the environment that started Serve.
         self.api_key = os.environ.get(self.settings.api_key_env) or None
         self.cors_origins = cors_origins(os.environ.get(CORS_ENV, ""))
+        self._front: tuple[str | None, int] | None = None  # (HTTP host, alive nodes), once known
+        self._checked: asyncio.Task[None] | None = None  # kept: a task nobody holds may vanish
+        with contextlib.suppress(RuntimeError):  # no event loop: not started by Serve
+            self._checked = asyncio.get_running_loop().create_task(self._check_front())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self)
+
+    # -- where the front listens ------------------------------------------------------------
+
+    async def front(self) -> tuple[str | None, int]:
+        """(the host Serve's HTTP front binds, the cluster's alive nodes); (None, 0) when
+        Serve's controller cannot say."""
+        if self._front is None:
+            try:
+                from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+                def look() -> tuple[Any, int]:
+                    actor = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+                    return actor, sum(1 for n in ray.nodes() if n.get("Alive"))
+
+                controller, nodes = await asyncio.to_thread(look)
+                options = await controller.get_http_config.remote()
+                self._front = (str(options.host), nodes)
+            except Exception as exc:  # no controller to ask (outside Serve)
+                log.info("ingress: where the HTTP front listens is unknown (%r)", exc)
+                self._front = (None, 0)
+        return self._front
+
+    async def _check_front(self) -> None:
+        host, _ = await self.front()
+        if host is not None and not is_loopback(host) and not self.api_key:
+            log.warning(
+                "ingress: serving on %s without an API key: anyone who can reach the port may "
+                "generate; set $%s (args.ingress.api_key_env) or bind http_options.host to "
+                "127.0.0.1",
+                host,
+                self.settings.api_key_env,
+            )
+
+    async def _inbox_host(self) -> str | None:
+        host, nodes = await self.front()
+        return bind_host(self.settings.stream_channel_host, host, nodes)
+
+    # -- hooks for the reliability runs (through a Serve handle; not on HTTP) ------------------
+
+    async def cut_stream_connections(self) -> int:
+        """Close every replica's connection to this ingress replica's events inbox, from the
+        ingress's side, as a network blip would; returns how many were open (0 without an
+        inbox). Streams that had not sent their first frame are sent again; the others end
+        with an error event and `[DONE]`. The replicas connect again on their next call."""
+        inbox = self.client.inbox
+        return inbox.cut() if inbox is not None else 0
+
+    def stream_inbox_address(self) -> str | None:
+        """The "host:port" this ingress replica's events inbox listens on; None before its
+        first streamed request, or when it streams through Serve (`stream_channel: false`)."""
+        inbox = self.client.inbox
+        return inbox.address if inbox is not None else None
 
     # -- routing ------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from deployments import channel, events
+from deployments import events, outbox
 from deployments.events import Event
 from deployments.messages import error
 from deployments.metrics import VariantMetrics
@@ -72,7 +72,7 @@ class ModelServer:
             on_step=lambda _: self.metrics.on_step(self.engine.stats),
             on_finish=self._on_finish,
         )
-        self.outboxes = channel.Outboxes()  # connections to the ingresses' event inboxes
+        self.outboxes = outbox.Outboxes()  # connections to the ingresses' event inboxes
         self.frames_per_step = events.STREAM_FRAMES_PER_STEP
         self.min_interval_s = events.STREAM_MIN_INTERVAL_MS / 1e3
         self._every = (0.0, 1)  # (when, tokens per event): recomputed at most once per ms
@@ -153,18 +153,17 @@ class ModelServer:
         """Streaming generation whose event lists (those of `stream`) go to the ingress's
         inbox (`deployments.channel`) as request `rid`, instead of back through Serve.
 
-        Returns `{}` once the last event is written, or `{"unreachable": reason}` without
-        generating when the inbox cannot be reached. A write that fails (the ingress gone)
-        ends the call, which frees the batch slots.
+        Returns `{"sent": lists written, "conn": the connection's id}` once the last list is
+        written (the ingress then knows at once whether some are still missing), with `"lost"`
+        when the connection broke on the way (generation stops there, the batch slots are
+        freed), or `{"unreachable": reason}` without generating when the inbox cannot be
+        reached. Events that cannot be sent (not msgpack data) fail this call only.
         """
         try:
             box = await self.outboxes.get(inbox)
         except OSError as exc:
             return {"unreachable": f"{inbox['address']}: {exc}"}
-        async for message in self.stream(job):
-            box.send(rid, message)
-        await box.drain()
-        return {}
+        return await outbox.send_all(box, rid, self.stream(job))
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
         """Non-streamed generation: `{"choices", "usage", "timings", "prompt_ids"}` or

@@ -8,12 +8,16 @@ a client that disconnects cancels its replica call, which frees the engine's bat
 next step.
 
 A streamed call's events arrive through the ingress's inbox (deployments.channel), or, when
-the ingress has none or a replica cannot reach it, as the items of Serve's streaming response;
-the rules below are the same either way.
+the ingress has none or a variant's replica cannot reach it, as the items of Serve's
+streaming response; the rules below are the same either way. A variant whose replica found the
+inbox unreachable streams through Serve (that request at once, without waiting again) for
+CHANNEL_RETRY_S, then tries the inbox again; each failure doubles the wait, up to
+CHANNEL_RETRY_MAX_S (counted in `slimserve_stream_channel_fallbacks`).
 
 Replica loss: a non-streamed call, or a stream before its first SSE frame, whose replica dies
-is sent again (RETRY_ATTEMPTS in all, within the request's deadline); a stream that loses its
-replica later ends with a 503 error event and `[DONE]` (deployments.serving).
+or whose events connection is lost is sent again (RETRY_ATTEMPTS in all, within the request's
+deadline); a stream that loses either later ends with a 503 error event and `[DONE]`
+(deployments.serving).
 
 Overload is answered as cheaply as possible: a variant whose queue Serve reported full a
 moment ago gets its 503 from `admit` without asking Serve again (deployments.admission),
@@ -28,13 +32,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from ray.serve.metrics import Counter
 
 from deployments.admission import FullQueues
-from deployments.channel import ChannelStream, ChannelUnreachable, Inbox
+from deployments.channel import ChannelLost, ChannelStream, ChannelUnreachable, Inbox
 from deployments.errors import OVERLOADED, RETRYABLE, ApiError, replica_error, unavailable
 
 log = logging.getLogger("ray.serve")
@@ -49,6 +54,30 @@ call waits and tries again (every OUTAGE_RETRY_S, within its deadline) until the
 replica takes load. Outside the window a full queue is plain overload and the client gets its
 503 at once."""
 OUTAGE_RETRY_S = 0.25
+CHANNEL_RETRY_S = 30.0
+"""A variant whose replica could not reach the inbox streams through Serve this long before
+the inbox is tried again; doubled after each failed try, up to CHANNEL_RETRY_MAX_S."""
+CHANNEL_RETRY_MAX_S = 300.0
+
+
+class Fallback(NamedTuple):
+    """A variant streaming through Serve: until when, and the wait that got it there."""
+
+    until: float  # monotonic
+    wait_s: float
+
+
+class CounterLike(Protocol):
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+
+
+def fallback_counter() -> CounterLike:
+    return Counter(
+        "slimserve_stream_channel_fallbacks",
+        "Streamed requests whose replica could not reach the ingress's events inbox (the "
+        "variant then streams through Serve for a while).",
+        ("model",),
+    )
 
 
 class ReplicaClient:
@@ -56,12 +85,18 @@ class ReplicaClient:
     replica, and the memory of which variants' queues are full."""
 
     def __init__(
-        self, request_timeout_s: float, queues: FullQueues | None = None, inbox: Inbox | None = None
+        self,
+        request_timeout_s: float,
+        queues: FullQueues | None = None,
+        inbox: Inbox | None = None,
+        fallbacks: CounterLike | None = None,
     ):
         self.request_timeout_s = request_timeout_s
         self.inbox = inbox  # where streamed events arrive; None: Serve's streaming responses
         self.queues = queues if queues is not None else FullQueues()
         self.lost_at = -math.inf  # monotonic time a replica was last seen lost
+        self.fallen_back: dict[str, Fallback] = {}  # variants streaming through Serve
+        self.fallbacks = fallbacks if fallbacks is not None else fallback_counter()
 
     # -- deadlines and admission ---------------------------------------------------------------
 
@@ -133,12 +168,14 @@ class ReplicaClient:
         """
         lost = 0  # tries that met a dead replica
         while True:
-            gen = await self._start(handle, payload)
+            gen = await self._start(handle, payload, model)
             try:
-                return gen, await self._first_frame(gen, deadline)
+                first = await self._first_frame(gen, deadline)
+                if isinstance(gen, ChannelStream) and self.fallen_back.pop(model, None):
+                    log.info("stream events inbox reachable again for %s", model)
+                return gen, first
             except ChannelUnreachable as exc:  # nothing generated: go again through Serve
-                log.warning("stream events inbox unreachable (%s); streaming through Serve", exc)
-                self.inbox = None
+                self._fall_back(model, exc)
             except TimeoutError:
                 cancel(gen)
                 raise self.timeout() from None
@@ -151,10 +188,30 @@ class ReplicaClient:
                 if not await self._retry(exc, lost, deadline):
                     raise self._give_up(exc, model) from exc
 
-    async def _start(self, handle: DeploymentHandle, payload: dict[str, Any]) -> Stream:
-        """A streamed call: its events through the inbox when there is one, else as the items
-        of Serve's streaming response."""
-        if self.inbox is not None:
+    def _fall_back(self, model: str, exc: ChannelUnreachable) -> None:
+        """Stream `model` through Serve for a while: its replica could not reach the inbox."""
+        before = self.fallen_back.get(model)
+        wait = CHANNEL_RETRY_S if before is None else min(2 * before.wait_s, CHANNEL_RETRY_MAX_S)
+        self.fallen_back[model] = Fallback(time.monotonic() + wait, wait)
+        self.fallbacks.inc(1, {"model": model})
+        log.warning(
+            "stream events inbox unreachable for %s (%s); streaming it through Serve for %gs",
+            model,
+            exc,
+            wait,
+        )
+
+    def channel_for(self, model: str) -> bool:
+        """Whether `model`'s next stream goes through the inbox (not within a fallback)."""
+        if self.inbox is None:
+            return False
+        fallback = self.fallen_back.get(model)
+        return fallback is None or time.monotonic() >= fallback.until
+
+    async def _start(self, handle: DeploymentHandle, payload: dict[str, Any], model: str) -> Stream:
+        """A streamed call: its events through the inbox when there is one and `model` is not
+        falling back, else as the items of Serve's streaming response."""
+        if self.inbox is not None and self.channel_for(model):
             try:
                 await self.inbox.start()
                 return self.inbox.open(handle, payload)
@@ -201,15 +258,15 @@ class ReplicaClient:
             return True
         if not isinstance(exc, RETRYABLE):
             return False
-        self.lost_at = now
+        if not isinstance(exc, ChannelLost):  # a cut connection is no replica outage
+            self.lost_at = now
         if attempt >= RETRY_ATTEMPTS:
             return False
         pause = RETRY_BACKOFF_S * 2 ** (attempt - 1)
         if time.monotonic() + pause >= deadline:
             return False
-        log.warning(
-            "replica lost (%s); retry %d of %d", type(exc).__name__, attempt, RETRY_ATTEMPTS - 1
-        )
+        what = "events connection lost" if isinstance(exc, ChannelLost) else "replica lost"
+        log.warning("%s (%r); retry %d of %d", what, exc, attempt, RETRY_ATTEMPTS - 1)
         await asyncio.sleep(pause)
         return True
 

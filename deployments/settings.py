@@ -141,6 +141,14 @@ class IngressSettings(Strict):
         description="streamed events over one socket per replica (deployments/channel.py); "
         "false: as Serve streaming responses",
     )
+    stream_channel_host: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="where the events inbox listens (None = 127.0.0.1 when the HTTP front "
+        "is bound to loopback on a one-node cluster, else this node's address; 0.0.0.0 = "
+        "every interface)",
+    )
 
 
 class AppSettings(Strict):

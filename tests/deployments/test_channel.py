@@ -1,7 +1,8 @@
-"""The stream events channel (deployments.channel) on a real local socket, without Serve: a fake
-handle's `stream_to` plays the replica (an Outbox writing to the Inbox) and returns like a
-Serve call. Through Serve it is exercised by every streamed test of test_ingress.py and by the
-replica-loss stream test of test_retry.py."""
+"""The stream events channel (deployments.channel, deployments.outbox) on a real local socket,
+without Serve: a fake handle's `stream_to` plays the replica (an Outbox writing to the Inbox)
+and returns like a Serve call. Through Serve it is exercised by every streamed test of
+test_ingress.py, by the replica-loss stream test of test_retry.py and by the last tests here.
+The limits before the key and the per-variant fallback are in test_channel_limits.py."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import pytest
 
 import deployments.channel as ch
+import deployments.outbox as ob
 import deployments.replica_client as rc
 
 START = {"event": "start", "prompt_tokens": 3}
 DELTA = {"event": "delta", "index": 0, "text": "hi", "token_ids": [1], "finish_reason": None}
 LAST = {"event": "delta", "index": 0, "text": "!", "token_ids": [2], "finish_reason": "length"}
 END = {"event": "end", "usage": {}, "timings": {}}
-Replica = Callable[[ch.Outbox, str], Awaitable[dict[str, Any]]]
+Replica = Callable[[ob.Outbox, str], Awaitable[dict[str, Any]]]
 
 
 class FakeResponse:
@@ -40,9 +41,9 @@ class FakeResponse:
 class FakeHandle:
     """`handle.stream_to.remote(payload, inbox, rid)` runs `replica` on a fresh Outbox."""
 
-    def __init__(self, replica: Replica, outboxes: ch.Outboxes | None = None):
+    def __init__(self, replica: Replica, outboxes: ob.Outboxes | None = None):
         self.replica = replica
-        self.outboxes = outboxes or ch.Outboxes()
+        self.outboxes = outboxes or ob.Outboxes()
         self.responses: list[FakeResponse] = []
 
     @property
@@ -62,18 +63,32 @@ class FakeHandle:
 
 
 def sends(*messages: list[dict[str, Any]], tail: Callable[[], Awaitable[None]] | None = None):
-    """A replica that sends `messages` one loop turn apart, drains, then awaits `tail`."""
+    """A replica that sends `messages` one loop turn apart as `ModelServer.stream_to` does
+    (`outbox.send_all`), then awaits `tail` before it returns."""
 
-    async def replica(box: ch.Outbox, rid: str) -> dict[str, Any]:
-        for events in messages:
-            box.send(rid, events)
-            await asyncio.sleep(0)
-        await box.drain()
+    async def replica(box: ob.Outbox, rid: str) -> dict[str, Any]:
+        async def lists():
+            for events in messages:
+                yield events
+                await asyncio.sleep(0)
+
+        reply = await ob.send_all(box, rid, lists())
         if tail is not None:
             await tail()
-        return {}
+        return reply
 
     return replica
+
+
+class Tally:
+    """A Prometheus counter's `inc`, recorded."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        model = (tags or {})["model"]
+        self.counts[model] = self.counts.get(model, 0) + value
 
 
 async def read_all(stream: ch.ChannelStream) -> list[list[dict[str, Any]]]:
@@ -98,7 +113,7 @@ def test_events_arrive_in_order_and_the_stream_ends_after_the_call():
         handle = FakeHandle(sends([START, DELTA], [LAST, END]))
         stream = inbox.open(handle, {})  # type: ignore[arg-type]
         assert await read_all(stream) == [[START, DELTA], [LAST, END]]
-        assert stream.call.done() and not inbox.queues  # the call returned; nothing kept
+        assert stream.call.done() and not inbox.streams  # the call returned; nothing kept
 
     run(go)
 
@@ -110,18 +125,18 @@ def test_one_write_per_loop_turn_carries_every_request_s_events():
 
     async def go(inbox: ch.Inbox) -> None:
         real = inbox.deliver
-        inbox.deliver = lambda pairs: (got.append(len(pairs)), real(pairs))  # type: ignore[method-assign]
-        outboxes = ch.Outboxes()
+        inbox.deliver = lambda pairs, reader: (got.append(len(pairs)), real(pairs, reader))  # type: ignore[method-assign]
+        outboxes = ob.Outboxes()
         await outboxes.get({"address": inbox.address or "", "key": inbox.key})  # connected
         steps = [asyncio.Event(), asyncio.Event()]
 
-        async def replica(box: ch.Outbox, rid: str) -> dict[str, Any]:
+        async def replica(box: ob.Outbox, rid: str) -> dict[str, Any]:
             await steps[0].wait()  # all sixteen wake in one loop turn, like one engine step
             box.send(rid, [START, DELTA])
             await steps[1].wait()
             box.send(rid, [LAST, END])
             await box.drain()
-            return {}
+            return {"sent": 2, "conn": box.conn}
 
         handle = FakeHandle(replica, outboxes)
         streams = [inbox.open(handle, {}) for _ in range(16)]  # type: ignore[arg-type]
@@ -139,8 +154,12 @@ def test_one_write_per_loop_turn_carries_every_request_s_events():
 def test_a_call_that_returns_before_its_last_events_arrive_still_gets_them(monkeypatch):
     """The reply and the events travel separately: the stream waits for `end` on the socket."""
 
+    async def replica(box: ob.Outbox, rid: str) -> dict[str, Any]:
+        reply = await sends([START, DELTA])(box, rid)
+        return {**reply, "sent": 2}  # the second list is still on its way
+
     async def go(inbox: ch.Inbox) -> None:
-        handle = FakeHandle(sends([START, DELTA]))
+        handle = FakeHandle(replica)
         stream = inbox.open(handle, {})  # type: ignore[arg-type]
         first = await stream.__anext__()
         await stream.call  # returned; `end` has not been written yet
@@ -152,15 +171,27 @@ def test_a_call_that_returns_before_its_last_events_arrive_still_gets_them(monke
 
 
 @pytest.mark.timeout(20)
-def test_events_that_never_come_end_the_stream_after_the_grace(monkeypatch):
-    monkeypatch.setattr(ch, "END_GRACE_S", 0.2)
+def test_events_that_never_come_end_the_stream_after_the_grace_kept_across_calls(monkeypatch):
+    """The reply says 3 lists were written on a connection that is still open: the stream
+    waits END_GRACE_S for the missing ones, one grace for all of them (a list that arrives
+    late does not start it again), then fails with ChannelLost."""
+    monkeypatch.setattr(ch, "END_GRACE_S", 0.3)
+
+    async def replica(box: ob.Outbox, rid: str) -> dict[str, Any]:
+        return {**(await sends([START, DELTA])(box, rid)), "sent": 3}
 
     async def go(inbox: ch.Inbox) -> None:
-        stream = inbox.open(FakeHandle(sends([START, DELTA])), {})  # type: ignore[arg-type]
+        stream = inbox.open(FakeHandle(replica), {})  # type: ignore[arg-type]
         assert await stream.__anext__() == [START, DELTA]
-        with pytest.raises(ConnectionError, match="never arrived"):
+        await stream.call
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, inbox.deliver, [[stream.rid, [DELTA]]], None)
+        t0 = loop.time()
+        assert await stream.__anext__() == [DELTA]  # within the grace
+        with pytest.raises(ch.ChannelLost, match="never arrived"):
             await stream.__anext__()
-        assert not inbox.queues
+        assert loop.time() - t0 < 0.3 + 0.15  # the same grace, not a second one
+        assert not inbox.streams
 
     run(go)
 
@@ -189,56 +220,8 @@ def test_cancel_stops_the_call_and_later_events_are_dropped():
         stream = inbox.open(handle, {})  # type: ignore[arg-type]
         assert await stream.__anext__() == [START, DELTA]
         stream.cancel()
-        assert handle.responses[0].cancelled and not inbox.queues
+        assert handle.responses[0].cancelled and not inbox.streams
         inbox.deliver([[stream.rid, [LAST]]])  # a late message for it: dropped, no error
-
-    run(go)
-
-
-@pytest.mark.timeout(20)
-def test_a_connection_without_the_key_is_closed_and_delivers_nothing():
-    async def go(inbox: ch.Inbox) -> None:
-        stream = inbox.open(FakeHandle(sends(tail=asyncio.Event().wait)), {})  # type: ignore[arg-type]
-        host, port = (inbox.address or "").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(msgpack.packb("not the key") + msgpack.packb([[stream.rid, [START]]]))
-        assert await reader.read() == b""  # closed by the inbox
-        assert stream.queue.empty()
-        stream.cancel()
-
-    run(go)
-
-
-@pytest.mark.timeout(20)
-def test_an_inbox_behind_a_silent_firewall_fails_fast(monkeypatch):
-    """A connect that never completes (a firewall dropping packets, played here by a connect
-    that waits forever) is an OSError after CONNECT_TIMEOUT_S, which the replica answers as
-    `unreachable`, not a request that hangs to its deadline."""
-    monkeypatch.setattr(ch, "CONNECT_TIMEOUT_S", 0.2)
-
-    async def silent(*_: object, **__: object) -> None:
-        await asyncio.Event().wait()
-
-    async def go() -> float:
-        loop = asyncio.get_running_loop()
-        monkeypatch.setattr(loop, "create_connection", silent)
-        t0 = loop.time()
-        with pytest.raises(OSError):
-            await ch.Outbox.connect("192.0.2.1:9", "k")
-        return loop.time() - t0
-
-    assert asyncio.run(go()) < 2
-
-
-@pytest.mark.timeout(20)
-def test_a_connection_that_sends_no_key_is_closed(monkeypatch):
-    monkeypatch.setattr(ch, "KEY_TIMEOUT_S", 0.1)
-
-    async def go(inbox: ch.Inbox) -> None:
-        host, port = (inbox.address or "").rsplit(":", 1)
-        reader, _ = await asyncio.open_connection(host, int(port))
-        assert await reader.read() == b""  # closed by the inbox after KEY_TIMEOUT_S
-        assert not inbox.readers
 
     run(go)
 
@@ -246,7 +229,7 @@ def test_a_connection_that_sends_no_key_is_closed(monkeypatch):
 @pytest.mark.timeout(20)
 def test_a_replica_whose_ingress_is_gone_fails_its_next_send():
     async def go(inbox: ch.Inbox) -> None:
-        outboxes = ch.Outboxes()
+        outboxes = ob.Outboxes()
         box = await outboxes.get({"address": inbox.address or "", "key": inbox.key})
         inbox.close()  # stops listening and drops the replicas' connections
         with pytest.raises(ConnectionError):
@@ -257,52 +240,168 @@ def test_a_replica_whose_ingress_is_gone_fails_its_next_send():
     run(go)
 
 
+async def until(predicate: Callable[[], object], what: str) -> None:
+    """Wait (a loop turn at a time, at most 2 s) until `predicate()` holds."""
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
 @pytest.mark.timeout(20)
-def test_an_unreachable_inbox_falls_back_to_serve_streaming(caplog):
-    """A replica that cannot connect generates nothing; the ingress goes again through Serve's
-    streaming response, and keeps doing so."""
+def test_an_event_that_cannot_be_sent_fails_its_stream_only():
+    """Data msgpack cannot pack fails that stream's call; the other stream on the same
+    connection, and the connection, go on."""
+    bad = {"event": "delta", "index": 0, "text": object()}
 
-    class Both(FakeHandle):
-        def options(self, **_: object) -> Both:
-            return self
+    async def go(inbox: ch.Inbox) -> None:
+        outboxes = ob.Outboxes()
+        broken = inbox.open(FakeHandle(sends([START, DELTA], [bad]), outboxes), {})  # type: ignore[arg-type]
+        fine = inbox.open(FakeHandle(sends([START, DELTA], [LAST, END]), outboxes), {})  # type: ignore[arg-type]
+        assert await broken.__anext__() == [START, DELTA]
+        with pytest.raises(TypeError):
+            await broken.__anext__()
+        assert await read_all(fine) == [[START, DELTA], [LAST, END]]
+        assert len(outboxes.boxes) == 1 and not next(iter(outboxes.boxes.values())).broken
+        assert len(inbox.readers) == 1
 
-        @property
-        def stream(self) -> Both:
-            return self
+    run(go)
 
-        def remote(self, payload: Any, *args: Any) -> Any:  # type: ignore[override]
-            if args:  # stream_to
-                return super().remote(payload, *args)
-            self.served += 1
-            return Serve([START, DELTA], [LAST, END])
 
-    class Serve:
-        def __init__(self, *messages: list[dict[str, Any]]):
-            self.messages = list(messages)
+@pytest.mark.timeout(20)
+def test_a_failed_write_resolves_every_waiter_and_the_next_stream_reconnects():
+    async def go(inbox: ch.Inbox) -> None:
+        outboxes = ob.Outboxes()
+        box = await outboxes.get(inbox.target)
 
-        async def __anext__(self) -> list[dict[str, Any]]:
-            if not self.messages:
-                raise StopAsyncIteration
-            return self.messages.pop(0)
+        def refuse(_: bytes) -> None:
+            raise RuntimeError("the socket refuses")
 
-        def cancel(self) -> None:
-            pass
+        box.transport.write = refuse  # type: ignore[method-assign]
+        box.send("r1", [DELTA])
+        box.send("r2", [DELTA])
+        waits = await asyncio.gather(box.drain(), box.drain(), return_exceptions=True)
+        assert all(isinstance(w, ConnectionError) for w in waits), waits
+        assert box.broken
+        stream = inbox.open(FakeHandle(sends([START, DELTA], [LAST, END]), outboxes), {})  # type: ignore[arg-type]
+        assert await read_all(stream) == [[START, DELTA], [LAST, END]]
+        assert outboxes.boxes[(inbox.address or "", inbox.key)] is not box
 
-    async def go() -> None:
-        inbox = ch.Inbox(host="127.0.0.1")
-        await inbox.start()
-        address = inbox.address or ""
-        inbox.close()  # nobody listens there any more
-        client = rc.ReplicaClient(60, inbox=inbox)
-        handle = Both(sends())
-        handle.served = 0  # type: ignore[attr-defined]
-        deadline = client.deadline()
-        _, first = await client.open_stream(handle, {}, deadline, "student")  # type: ignore[arg-type]
-        assert first == [START, DELTA] and handle.served == 1  # type: ignore[attr-defined]
-        assert client.inbox is None and address
+    run(go)
 
-    asyncio.run(asyncio.wait_for(go(), 5))
-    assert "inbox unreachable" in caplog.text
+
+@pytest.mark.timeout(20)
+def test_the_reply_s_count_ends_a_stream_at_once(monkeypatch):
+    """With a grace far longer than the test may run: every list the reply counts arrived ->
+    the stream ends at once, `end` or not; lists missing on a connection that was lost ->
+    ChannelLost at once."""
+    monkeypatch.setattr(ch, "END_GRACE_S", 60)
+
+    async def go(inbox: ch.Inbox) -> None:
+        stream = inbox.open(FakeHandle(sends([START, DELTA])), {})  # type: ignore[arg-type]
+        assert await read_all(stream) == [[START, DELTA]]
+
+        cut = asyncio.Event()
+
+        async def lost_on_the_way(box: ob.Outbox, rid: str) -> dict[str, Any]:
+            await cut.wait()
+            return {"sent": 1, "conn": box.conn}  # written, but the connection then went
+
+        stream = inbox.open(FakeHandle(lost_on_the_way), {})  # type: ignore[arg-type]
+        await until(lambda: sum(r.trusted for r in inbox.readers) == 2, "its own connection")
+        assert inbox.cut() == 2  # the first stream's (its own handle's) and this one's
+        await until(lambda: inbox.lost, "the connection's loss")
+        cut.set()
+        with pytest.raises(ch.ChannelLost, match="lost with the connection"):
+            await stream.__anext__()
+
+    run(go)
+
+
+@pytest.mark.timeout(20)
+def test_an_ingress_restarted_on_the_same_port_gets_a_new_connection():
+    """Connections are keyed by address and key: a new inbox on the old one's host and port,
+    while the old connection still looks open to the replica, gets its events."""
+
+    async def main() -> None:
+        old = ch.Inbox(host="127.0.0.1")
+        await old.start()
+        outboxes = ob.Outboxes()
+        stale = await outboxes.get(old.target)
+        assert old._server is not None
+        old._server.close()  # stops listening; the replica's connection stays up
+        port = int((old.address or "").rsplit(":", 1)[1])
+        new = ch.Inbox(host="127.0.0.1", port=port)
+        await new.start()
+        try:
+            assert new.address == old.address and new.key != old.key
+            stream = new.open(FakeHandle(sends([START, DELTA], [LAST, END]), outboxes), {})  # type: ignore[arg-type]
+            assert await read_all(stream) == [[START, DELTA], [LAST, END]]
+            assert not stale.broken and len(outboxes.boxes) == 2
+        finally:
+            new.close()
+            old.close()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+@pytest.mark.timeout(20)
+def test_a_cut_connection_retries_streams_without_a_frame_and_ends_the_others():
+    """The ingress drops the replica's connection under two streams: the one that had sent
+    its first frame ends with the 503 error event and `[DONE]`; the one that had sent only
+    `start` is sent again, on a new connection, and the client sees one clean stream."""
+    import json
+
+    from deployments.serving import sse
+    from deployments.sse import ChunkFormatter
+
+    gate = asyncio.Event()
+
+    def replica(*before: list[dict[str, Any]]) -> Replica:
+        async def run_it(box: ob.Outbox, rid: str) -> dict[str, Any]:
+            async def lists():
+                for events in before:
+                    yield events
+                await gate.wait()
+                yield [DELTA]
+                yield [LAST, END]
+
+            return await ob.send_all(box, rid, lists())
+
+        return run_it
+
+    async def body(client: rc.ReplicaClient, gen: Any, first: Any) -> list[Any]:
+        fmt = ChunkFormatter("completion", "cmpl-1", "student", 1, False)
+        chunks = [c async for c in sse(client, gen, first, fmt, client.deadline())]
+        frames = [f.removeprefix("data: ") for c in chunks for f in c.split("\n\n") if f]
+        return [f if f == "[DONE]" else json.loads(f) for f in frames]
+
+    async def go(inbox: ch.Inbox) -> None:
+        client = rc.ReplicaClient(60, inbox=inbox, fallbacks=Tally())
+        outboxes = ob.Outboxes()
+        framed = FakeHandle(replica([START, DELTA]), outboxes)
+        quiet = FakeHandle(replica([START]), outboxes)
+        gen, first = await client.open_stream(framed, {}, client.deadline(), "student")  # type: ignore[arg-type]
+        opening = asyncio.ensure_future(
+            client.open_stream(quiet, {}, client.deadline(), "student")  # type: ignore[arg-type]
+        )
+        await until(lambda: sum(s.received for s in inbox.streams.values()) == 2, "2 lists")
+        assert inbox.cut() == 1
+        gate.set()
+        again, again_first = await opening
+        assert len(quiet.responses) == 2 and again_first == [START, DELTA]  # sent again
+        cut_short, whole = await body(client, gen, first), await body(client, again, again_first)
+        assert [f["choices"][0]["text"] for f in whole[:-1]] == ["hi", "!"]
+        assert whole[-1] == "[DONE]"
+        assert cut_short[0]["choices"][0]["text"] == "hi" and cut_short[-1] == "[DONE]"
+        assert (
+            cut_short[1]["error"]["code"] == 503
+            and "connection" in cut_short[1]["error"]["message"]
+        )
+        assert len(cut_short) == 3 and len(outboxes.boxes) == 1
+
+    run(go)
 
 
 @pytest.mark.timeout(180)
@@ -339,3 +438,30 @@ def test_a_replica_writes_its_stream_to_the_inbox_through_serve(serve_urls):
     nobody = {"address": "127.0.0.1:9", "key": "k"}  # the discard port: nothing listens
     reply = handle.stream_to.remote(payload, nobody, "r").result(timeout_s=60)
     assert set(reply) == {"unreachable"}, reply
+
+
+@pytest.mark.timeout(180)
+def test_the_ingress_hooks_show_and_cut_its_inbox_connections(serve_urls):
+    """Through Serve: the ingress's inbox listens on loopback (the HTTP front is on loopback,
+    one node); `cut_stream_connections` drops the replicas' connections and the next stream
+    connects again."""
+    import httpx
+    from ray import serve
+
+    from deployments.settings import INGRESS_NAME
+
+    ingress = serve.get_deployment_handle(INGRESS_NAME, app_name="main")
+    body = {"model": "student", "prompt": "Once", "max_tokens": 8, "stream": True}
+
+    def stream() -> list[str]:
+        url = f"{serve_urls.main}/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            assert r.status_code == 200
+            return [ln for ln in r.iter_lines() if ln.startswith("data:")]
+
+    assert stream()[-1] == "data: [DONE]"
+    address = ingress.stream_inbox_address.remote().result(timeout_s=30)
+    assert address is not None and address.startswith("127.0.0.1:"), address
+    assert ingress.cut_stream_connections.remote().result(timeout_s=30) >= 1
+    again = stream()
+    assert again[-1] == "data: [DONE]" and not any('"error"' in f for f in again), again
