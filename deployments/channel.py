@@ -357,13 +357,13 @@ class ChannelStream:
         if "lost" in result:
             self._forget()
             raise ChannelLost(result["lost"])
-        if self.received >= result["sent"]:
+        sent = result.get("sent", self.received + 1)  # unknown: wait for the grace
+        if self.received >= sent:
             self._forget()
             raise StopAsyncIteration
-        if result["conn"] in self.inbox.lost:
+        if result.get("conn") in self.inbox.lost:
             self._forget()
-            missing = result["sent"] - self.received
-            raise ChannelLost(f"{missing} event list(s) lost with the connection")
+            raise ChannelLost(f"{sent - self.received} event list(s) lost with the connection")
         self.grace_until = asyncio.get_running_loop().time() + END_GRACE_S
 
     def cancel(self) -> None:

@@ -327,3 +327,22 @@ def test_the_fallback_wait_is_capped(monkeypatch):
         client._fall_back("a", ch.ChannelUnreachable("refused"))
     assert client.fallen_back["a"].wait_s == rc.CHANNEL_RETRY_MAX_S == 300.0
     assert not client.channel_for("a") and client.channel_for("b")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("host", "api_key", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)],
+)
+def test_the_ingress_warns_when_its_front_is_open_without_an_api_key(caplog, host, api_key, warned):
+    from types import SimpleNamespace
+
+    from deployments.ingress import Ingress
+    from deployments.settings import IngressSettings
+
+    async def front() -> tuple[str, int]:
+        return host, 1
+
+    ingress = SimpleNamespace(front=front, api_key=api_key, settings=IngressSettings())
+    asyncio.run(Ingress.func_or_class._check_front(ingress))  # type: ignore[attr-defined]
+    assert ("without an API key" in caplog.text) is warned
