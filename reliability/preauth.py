@@ -7,7 +7,8 @@ of them to the inbox at once; `senders` of those send `send_mib` MiB each, as fa
 socket takes it: the start of a msgpack bin 32 value announced at 2 GiB (`HEADER`), which
 never finishes, so a reader that buffers until a message is whole would keep it all. The rest
 send nothing and wait. Meanwhile a light load (`LIGHT_RPS` non-streamed req/s) is served; the
-same light load alone, just before, is the baseline. Measured: the ingress replica's resident
+same light load alone, just before and just after, is the baseline (before and after, so a
+machine getting busier or quieter meanwhile moves the baseline too). Measured: the ingress replica's resident
 memory before and at its peak during the flood (sampled every 0.1 s), and the light load's
 p99 with and without the flood. Targets: RSS growth < 50 MiB, p99 with the flood at most 1.5x
 the p99 without, and streaming through the inbox still works after it.
@@ -192,7 +193,7 @@ def preauth_run(
     send_mib: float,
     seconds: float,
 ) -> dict[str, Any]:
-    """Baseline light load, then the light load under the flood; the report row."""
+    """The light load alone, under the flood, then alone again; the report row."""
     from deployments.settings import INGRESS_NAME
 
     asyncio.run(_stream_ok(base, body))  # the inbox listens from the first streamed request
@@ -207,6 +208,9 @@ def preauth_run(
             _with_flood(base, body, seconds, address, (connections, senders, send_mib))
         )
     time.sleep(1.0)
+    rss_after = rss_mib(pid)
+    after_tally = asyncio.run(steady(base, body, LIGHT_RPS, seconds, stream_every=0))
+    alone = Tally(base_tally.outcomes + after_tally.outcomes)
     under = tally.summary()
     return {
         "inbox": address,
@@ -215,9 +219,11 @@ def preauth_run(
         "rss_before_mib": round(rss_before, 1),
         "rss_peak_mib": round(peak.peak, 1),
         "rss_growth_mib": round(peak.peak - rss_before, 1),
-        "rss_after_mib": round(rss_mib(pid), 1),
+        "rss_after_mib": round(rss_after, 1),
         "light_rps": LIGHT_RPS,
-        "p99_without_ms": _p99_ms(base_tally),
+        "p99_before_ms": _p99_ms(base_tally),
+        "p99_after_ms": _p99_ms(after_tally),
+        "p99_without_ms": _p99_ms(alone),
         "p99_with_flood_ms": _p99_ms(tally),
         "light_failed_or_lost": under["failed"] + under["lost"],
         "stream_ok_after": asyncio.run(_stream_ok(base, body)),
