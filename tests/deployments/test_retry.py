@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -92,6 +95,90 @@ def test_stream_that_loses_its_replica_before_its_first_frame_is_retried(retry_u
     assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
     assert not any('"error"' in f for f in frames), [f for f in frames if '"error"' in f]
     assert json.loads(frames[-2])["usage"]["completion_tokens"] == 4 * BODY["max_tokens"]
+
+
+def inbox_address() -> str:
+    """Where the `retry` ingress's stream events inbox listens, from the line its replica logs
+    when it starts listening (its first streamed request)."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    found = [
+        m[1]
+        for path in logs.glob(f"replica_{APP}_Ingress_*.log")
+        for m in re.finditer(r"stream events inbox listening on (\S+)", path.read_text())
+    ]
+    assert len(set(found)) == 1, found
+    return found[0]
+
+
+def connected_to(pid: int, address: str) -> bool:
+    """Whether process `pid` holds an open TCP connection to `address` ("host:port")."""
+    import psutil
+
+    host, port = address.rsplit(":", 1)
+    return any(
+        c.status == psutil.CONN_ESTABLISHED
+        and c.raddr
+        and (c.raddr.ip, c.raddr.port) == (host, int(port))
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+    )
+
+
+@pytest.mark.timeout(420)  # run alone, it also waits for the folder's Serve to start
+def test_a_replica_crashed_mid_stream_ends_its_started_streams_and_retries_the_rest(retry_url):
+    """A real crash (SIGKILL of the replica's process) under streams whose events travel the
+    real events channel (the app's default `stream_channel: true`; the replica holds its
+    connection to the ingress's inbox): the stream that had sent text ends with an error
+    event and `[DONE]`; the streams on that replica that had sent nothing yet are sent again
+    to the other replica and complete, as if nothing had happened.
+
+    A sampled stream shows text at once; a greedy one of the tiny model shows nothing before
+    its end (see above), so it is "not started" for as long as it runs."""
+    wait_until(lambda: replicas.running(APP, "student") >= 2, timeout=120, what="2 replicas")
+    names = replicas.replica_names(APP, "student")
+    wait_until(lambda: all(replicas.ongoing(n) == 0 for n in names), timeout=60, what="idle")
+    url = f"{retry_url}/v1/completions"
+    texted = threading.Event()
+
+    def read(body: dict) -> tuple[int, list[str]]:
+        lines: list[str] = []
+        with httpx.stream("POST", url, json=body, timeout=120) as r:
+            for ln in r.iter_lines():
+                if not ln.startswith("data:"):
+                    continue
+                lines.append(ln.removeprefix("data: "))
+                if '"text"' in ln and any(c["text"] for c in json.loads(lines[-1])["choices"]):
+                    texted.set()
+            return r.status_code, lines
+
+    sampled = {**BODY, "stream": True, "n": 4, "temperature": 1.0, "seed": 7}
+    greedy = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    with ThreadPoolExecutor(5) as pool:
+        started = pool.submit(read, sampled)
+        assert texted.wait(60), "the sampled stream sent no text"
+        hit, _ = wait_until(
+            lambda: replicas.busiest(APP, "student"), timeout=30, what="the stream's replica"
+        )
+        hit_pid = replicas.pid(hit)
+        assert connected_to(hit_pid, inbox_address()), "its events do not travel the channel"
+        quiet = [pool.submit(read, greedy) for _ in range(4)]
+        # Serve's router sends each new request to the less busy of the two replicas: the
+        # stream's replica, busy with one request, gets at least one of the four.
+        wait_until(lambda: replicas.ongoing(hit) >= 2, timeout=30, what="a quiet stream on it")
+        assert not started.done() and not any(q.done() for q in quiet)
+        assert replicas.crash(hit) == hit_pid
+        status, frames = started.result()
+        rest = [q.result() for q in quiet]
+
+    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
+    error = json.loads(frames[-2])
+    assert error["error"]["code"] == 503 and "retry the request" in error["error"]["message"]
+    assert any('"text"' in f for f in frames[:-2])  # text came before the error
+    for code, lines in rest:
+        assert code == 200 and lines[-1] == "[DONE]", lines[-3:]
+        assert not any('"error"' in ln for ln in lines), [ln for ln in lines if '"error"' in ln]
+        assert json.loads(lines[-2])["usage"]["completion_tokens"] == BODY["max_tokens"]
 
 
 def test_full_queue_is_retried_only_in_the_outage_window(monkeypatch):
