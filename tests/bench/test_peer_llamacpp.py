@@ -199,9 +199,10 @@ def test_llama_server_matches_hf_greedy(tiny_gguf, tmp_path):
     from slimserve.tokenizer import load_tokenizer
 
     stamp = peer_llamacpp.read_stamp()
-    if not stamp or stamp[0] != peer_llamacpp.VERSION:
+    binary = peer_llamacpp.build_dir() / "bin" / "llama-server"
+    if not stamp or stamp[0] != peer_llamacpp.VERSION or not binary.is_file():
         pytest.skip("llama-server is not built (make llama-server)")
-    built = peer_llamacpp.build(log=lambda _: None)  # the stamp's build, reused
+    built = peer_llamacpp.LlamaBuild(binary, peer_llamacpp.vendored_source(), stamp[0], None, True)
     folder, gguf = tiny_gguf
     tok = load_tokenizer(folder)
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
