@@ -127,11 +127,15 @@ def multiple_choice_items(docs: list[str], spec: TaskSpec, encode: Encode) -> li
             continue
         answer = _answer(docs[d], spans[d], i, n)
         wrong: list[str] = []
-        while len(wrong) < spec.choices - 1:
+        for _ in range(100 * spec.choices):  # a split of few distinct spans must not hang
             d2, j = positions[rng.randrange(len(positions))]
             other = _answer(docs[d2], spans[d2], j, n)
             if other != answer and other not in wrong:
                 wrong.append(other)
+            if len(wrong) == spec.choices - 1:
+                break
+        else:
+            raise ValueError(f"too few distinct {n}-word spans for {spec.choices} choices")
         label = rng.randrange(spec.choices)
         choices = [*wrong[:label], answer, *wrong[label:]]
         items.append({"id": len(items), "context": context, "choices": choices, "label": label})

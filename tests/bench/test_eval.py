@@ -112,6 +112,12 @@ def test_perplexity_chunks_fit_and_cover_the_documents_in_order():
     assert sum(c["n_tokens"] for c in capped) < 100 + 40
 
 
+def test_a_split_without_enough_distinct_answers_is_refused_not_looped():
+    repetitive = ["one two three " * 40]
+    with pytest.raises(ValueError, match="distinct"):
+        multiple_choice_items(repetitive, TaskSpec(items=5, choices=4, answer_words=3), encode)
+
+
 def test_spec_refuses_what_cannot_fit_the_context():
     with pytest.raises(ValueError, match="chunk_tokens"):
         TaskSpec(chunk_tokens=126).check(128)
