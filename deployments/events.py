@@ -18,18 +18,27 @@ Light load gets a time rule instead: after the first delta, a request's deltas g
 lone stream sends a few tokens per frame instead of paying for a frame per token. The first
 delta and the last still go at once. Live via `reconfigure` (`stream_min_interval_ms`; 0 turns
 it off).
+
+Logprobs travel as entries (`deployments.messages`): a token's text and bytes, its logprob and
+its alternatives, built here once per token from the engine's ids (`TokenTexts` caches each
+id's text). With echo, each choice's first delta starts with the prompt's text and entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from slimserve.engine import RequestStream, StreamChunk
+from slimserve.engine import Completion, RequestStream, StreamChunk
+from slimserve.sampling_logprobs import TokenLogprob
+from slimserve.textstream import TokenTexts
 
 Event = dict[str, Any]
+Describe = Callable[[list[TokenLogprob]], list[Event]]
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON: the floor vLLM and OpenAI report instead
 
 STREAM_FRAMES_PER_STEP = 2
 """About how many streamed events a replica sends per engine step (0 = one per token)."""
@@ -70,11 +79,60 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Stream
             t.cancel()
 
 
+def describer(texts: TokenTexts) -> Describe:
+    """Engine logprob entries -> message entries (`deployments.messages`), one per token."""
+
+    def describe(entries: list[TokenLogprob]) -> list[Event]:
+        out = []
+        for e in entries:
+            token, raw = texts(e.token_id)
+            top = None if e.top is None else [[*texts(t), max(v, LOGPROB_FLOOR)] for t, v in e.top]
+            lp = None if e.logprob is None else max(e.logprob, LOGPROB_FLOOR)
+            out.append({"token": token, "bytes": raw, "logprob": lp, "top": top})
+        return out
+
+    return describe
+
+
+def echoed(chunk: StreamChunk, prompt_text: str) -> StreamChunk:
+    """A choice's first chunk with the prompt's text (and its logprob entries) in front."""
+    logprobs = [*(chunk.prompt_logprobs or ()), *(chunk.logprobs or ())]
+    return dataclasses.replace(chunk, text=prompt_text + chunk.text, logprobs=logprobs)
+
+
+async def echo_first(
+    chunks: AsyncIterator[tuple[int, StreamChunk]], prompt_text: str
+) -> AsyncIterator[tuple[int, StreamChunk]]:
+    """`chunks` with each choice's first one `echoed`."""
+    started: set[int] = set()
+    async for index, chunk in chunks:
+        if index not in started:
+            started.add(index)
+            chunk = echoed(chunk, prompt_text)
+        yield index, chunk
+
+
+def completed(
+    index: int, done: Completion, prompt_text: str | None, describe: Describe | None
+) -> Event:
+    """The one delta of a finished choice (non-streamed); echo when `prompt_text` is set."""
+    chunk = StreamChunk(done.text, done.token_ids, done.finish_reason, done.logprobs)
+    if prompt_text is not None:
+        chunk = echoed(
+            dataclasses.replace(chunk, prompt_logprobs=done.prompt_logprobs), prompt_text
+        )
+    event = delta(index, chunk.text, chunk.token_ids, chunk.finish_reason)
+    if describe is not None:
+        event["logprobs"] = describe(chunk.logprobs or [])
+    return event
+
+
 async def coalesce(
     chunks: AsyncIterator[tuple[int, StreamChunk]],
     every: Callable[[], int],
     min_interval_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
+    describe: Describe | None = None,
 ) -> AsyncIterator[Event]:
     """`delta` events from (choice index, chunk) pairs, merging a choice's consecutive chunks
     until it holds `every()` of them and `min_interval_s` has passed since the last event
@@ -83,7 +141,8 @@ async def coalesce(
     The first delta and every delta with a `finish_reason` flush at once (and take every
     other choice's pending text with them); chunks without text (held back: an incomplete
     character, a possible stop string) add their token ids to the next delta instead of being
-    dropped. No timer: a request gets a chunk at every engine step.
+    dropped. No timer: a request gets a chunk at every engine step. `describe`: the chunks'
+    logprobs go along as entries (`"logprobs"`, one per token id).
     """
     pending: dict[int, Event] = {}
     counts: dict[int, int] = {}  # chunks merged into each pending event
@@ -96,6 +155,8 @@ async def coalesce(
         event["text"] += chunk.text
         event["token_ids"] += chunk.token_ids
         event["finish_reason"] = chunk.finish_reason
+        if describe is not None:
+            event.setdefault("logprobs", []).extend(describe(chunk.logprobs or []))
         counts[index] = counts.get(index, 0) + 1
         if (
             sent

@@ -34,6 +34,7 @@ from slimserve import runtimes
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.engine import Engine, EngineConfig, QueueFullError, RequestStream
 from slimserve.sampling import ParameterError, SamplingParams
+from slimserve.textstream import TokenTexts
 from slimserve.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -63,6 +64,7 @@ class ModelServer:
         # accident or every core of the node (torch's default).
         self.runtime = runtimes.load(self.folder, device=device, dtype=dtype, threads=threads)
         self.tokenizer = load_tokenizer(self.folder)
+        self.token_texts = TokenTexts(self.tokenizer)  # logprob entries' token texts, cached
         self.metrics = VariantMetrics(variant)
         self._internal: set[int] = set()  # engine request ids of health checks (not metered)
         self.engine = Engine(
@@ -179,6 +181,8 @@ class ModelServer:
                 c["text"] += event["text"]
                 c["token_ids"] += event["token_ids"]
                 c["finish_reason"] = event["finish_reason"]
+                if "logprobs" in event:
+                    c.setdefault("logprobs", []).extend(event["logprobs"])
             elif kind in ("start", "end"):
                 result.update({k: v for k, v in event.items() if k != "event"})
         result["choices"] = [{"index": i, **choices[i]} for i in sorted(choices)]
@@ -188,10 +192,11 @@ class ModelServer:
         """The events of one job (messages.py); `stream=False`: one delta per choice, with
         its whole text, once every choice has finished (no per-token events to merge)."""
         n = int(job.get("n", 1))
+        describe = events.describer(self.token_texts) if job.get("logprobs") else None
         try:
             base = SamplingParams(**job["params"])
         except ParameterError as exc:
-            yield {"event": "error", "error": error(400, str(exc), param=exc.param)}
+            yield {"event": "error", "error": error(400, str(exc), param=api_param(exc))}
             return
         except TypeError as exc:  # an unknown field: the ingress never sends one
             yield {"event": "error", "error": error(400, str(exc))}
@@ -205,7 +210,7 @@ class ModelServer:
                     params = dataclasses.replace(base, seed=seed, stop=list(base.stop))
                     streams.append(self.engine.stream(job["prompt"], params))
             except ParameterError as exc:
-                yield {"event": "error", "error": error(400, str(exc), param=exc.param)}
+                yield {"event": "error", "error": error(400, str(exc), param=api_param(exc))}
                 return
             except QueueFullError as exc:
                 msg = f"{self.variant} is overloaded ({exc}); retry later"
@@ -215,10 +220,13 @@ class ModelServer:
             if job.get("return_prompt_ids"):
                 start["prompt_ids"] = self._prompt_ids(job["prompt"])
             yield start
+            echo = self._echo_text(job["prompt"]) if job.get("echo") else None
             if stream:
                 merged = events.merge(streams)
+                if echo is not None:
+                    merged = events.echo_first(merged, echo)
                 async for event in events.coalesce(
-                    merged, self._tokens_per_event, self.min_interval_s
+                    merged, self._tokens_per_event, self.min_interval_s, describe=describe
                 ):
                     yield event
             else:
@@ -226,8 +234,7 @@ class ModelServer:
                     async for _ in s:
                         pass
                 for i, s in enumerate(streams):
-                    c = s.completion()
-                    yield events.delta(i, c.text, c.token_ids, c.finish_reason)
+                    yield events.completed(i, s.completion(), echo, describe)
             yield {"event": "end", **events.summary(streams)}
         finally:
             for s in streams:  # client gone or timed out: free the batch slots now
@@ -248,6 +255,9 @@ class ModelServer:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _echo_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(list(prompt))
 
     # -- scoring: /infer and /compare -----------------------------------------------------------
 
@@ -346,6 +356,14 @@ class ModelServer:
             self.metrics.set_gauges(self.engine.stats())
             return
         self.metrics.on_finish(m, self.engine.stats())
+
+
+API_PARAMS = {"prompt_logprobs": "echo"}
+"""Engine parameters the API names otherwise (prompt logprobs are asked for by `echo`)."""
+
+
+def api_param(exc: ParameterError) -> str:
+    return API_PARAMS.get(exc.param, exc.param)
 
 
 def lower_priority() -> int:

@@ -20,9 +20,9 @@ from fastapi.responses import StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import RETRYABLE, stream_error
-from deployments.messages import job, sampling
+from deployments.messages import chat_params, completion_params, job
 from deployments.replica_client import Event, ReplicaClient, Stream, cancel
-from deployments.sse import DONE, ChunkFormatter, Kind, frame
+from deployments.sse import DONE, ChunkFormatter, Kind, chat_logprobs, completion_logprobs, frame
 from slimserve.protocol import (
     CHAT_STOP,
     ChatChoice,
@@ -52,9 +52,13 @@ async def completion(
 ) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
     """One completion or chat request on `handle` (its variant already admitted)."""
     if isinstance(body, ChatCompletionRequest):
-        payload = job(body.prompt_text(), sampling(body, [CHAT_STOP]), body.n)
+        params = chat_params(body, [CHAT_STOP])
+        payload = job(body.prompt_text(), params, body.n, logprobs=bool(body.logprobs))
     else:
-        payload = job(body.prompt, sampling(body), body.n)
+        logprobs = body.logprobs is not None
+        payload = job(
+            body.prompt, completion_params(body), body.n, echo=body.echo, logprobs=logprobs
+        )
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
     if body.stream:
@@ -74,6 +78,7 @@ async def completion(
                 index=c["index"],
                 message=ChatMessageOut(content=c["text"]),
                 finish_reason=c["finish_reason"],
+                logprobs=chat_logprobs(c["logprobs"]) if "logprobs" in c else None,
             )
             for c in result["choices"]
         ]
@@ -81,7 +86,12 @@ async def completion(
             id=rid, model=body.model, choices=chat, usage=usage, timings=timings
         )
     choices = [
-        CompletionChoice(index=c["index"], text=c["text"], finish_reason=c["finish_reason"])
+        CompletionChoice(
+            index=c["index"],
+            text=c["text"],
+            finish_reason=c["finish_reason"],
+            logprobs=completion_logprobs(c["logprobs"]) if "logprobs" in c else None,
+        )
         for c in result["choices"]
     ]
     return CompletionResponse(

@@ -4,6 +4,9 @@ OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models`, plus 
 projects' `/infer` and the live `/compare`. Every bound is written here once; the ingress maps a
 validation failure to a 400 with the OpenAI error envelope naming the offending field.
 
+Logprobs are raw: log-softmax of the model's own logits in float32, before temperature, top-k /
+top-p and penalties (vLLM's default), so they describe the model whatever the sampling settings.
+
 Chat template (GPT-2 has none of its own): each message becomes a line
 `"<Role>: <content>"` (System / User / Assistant), joined with newlines, followed by
 `"Assistant:"`; generation stops at `"\\nUser:"` as well as at the request's own stops.
@@ -26,6 +29,7 @@ MAX_TOKENS_CAP = 2048  # per request; the variant's context is the tighter bound
 MAX_STOP = 4
 MAX_N = 8
 MAX_COMPARE_MODELS = 16
+MAX_LOGPROBS = int(bounds.LOGPROBS.high or 20)  # alternatives per position (OpenAI's cap)
 CHAT_STOP = "\nUser:"
 
 
@@ -70,10 +74,16 @@ class SamplingFields(RequestModel):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="reproducible sampling")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
-    # OpenAI fields accepted only at their neutral value (anything else is a 400 naming them).
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="unsupported unless 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="unsupported unless 0")
-    logprobs: None = None
+    presence_penalty: float = Field(
+        0.0,
+        description="minus this for every token already generated",
+        **bounds.PENALTY.field_kwargs(),
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        description="minus this per earlier occurrence in the output",
+        **bounds.PENALTY.field_kwargs(),
+    )
     user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
@@ -98,7 +108,22 @@ class CompletionRequest(SamplingFields):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: Literal[False] = False
+    max_tokens: int = Field(
+        16, ge=0, le=MAX_TOKENS_CAP, description="tokens to generate (0 only with echo)"
+    )
+    logprobs: int | None = Field(
+        None,
+        strict=True,  # an integer, not `true` (that is the chat field's type)
+        description="raw logprobs of each token + this many alternatives",
+        **bounds.LOGPROBS.field_kwargs(),
+    )
+    echo: bool = Field(False, description="return the prompt first (with logprobs: its own)")
+
+    @model_validator(mode="after")
+    def _max_tokens_zero_with_echo(self) -> CompletionRequest:
+        if self.max_tokens < 1 and not self.echo:
+            raise ValueError("max_tokens: must be >= 1 (0 only with echo: true)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -123,6 +148,12 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    logprobs: bool | None = Field(None, description="raw logprob of each generated token")
+    top_logprobs: int | None = Field(
+        None,
+        description="alternatives per token (needs logprobs: true)",
+        **bounds.LOGPROBS.field_kwargs(),
+    )
 
     @model_validator(mode="after")
     def _max_completion(self) -> ChatCompletionRequest:
@@ -130,6 +161,8 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         if not any(m.content for m in self.messages):
             raise ValueError("messages: at least one message needs content")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         return self
 
     def prompt_text(self) -> str:
@@ -157,11 +190,25 @@ class Timings(BaseModel):
     tokens_per_s: float
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: one entry per token, in parallel lists.
+
+    The first prompt token (with echo) has no logprob: None there in `token_logprobs` and
+    `top_logprobs`. `top_logprobs` maps token text to logprob: the `logprobs` most likely
+    tokens plus the chosen one (as vLLM). `text_offset`: where each token's text starts in
+    the choice's text (the sum of the previous tokens' text lengths)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -179,10 +226,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's own UTF-8 bytes (may be part of a character)
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the `top_logprobs` most likely, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -204,6 +266,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -274,6 +337,7 @@ class CompareRequest(SamplingFields):
         None, max_length=MAX_COMPARE_MODELS, description="default: every deployed variant"
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="default greedy, for agreement")
+    logprobs: None = None
     warmup: bool = Field(True, description="one short untimed run per variant first")
 
 

@@ -1,12 +1,14 @@
 """Streaming text: incremental detokenization and stop-string handling for the engine.
 
 Byte-level BPE can split one character over several tokens; these helpers make sure streamed
-deltas never show a half character and never run past a stop string.
+deltas never show a half character and never run past a stop string, and give each token's own
+text and bytes for logprob entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from slimserve.tokenizer import TextTokenizer
 
@@ -63,3 +65,37 @@ def held_suffix(text: str, stops: Sequence[str]) -> int:
                 best = k
                 break
     return best
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = 256 + extra, extra + 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+class TokenTexts:
+    """Each token's text (`decode([id])`: U+FFFD where it holds part of a character) and its
+    own bytes (exact, from the byte-level alphabet), cached per id."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self._tok = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self._tok.decode([token_id])
+            piece = self._tok.tokenizer.id_to_token(token_id) or ""
+            table = _byte_decoder()
+            if piece and all(ch in table for ch in piece):
+                raw = [table[ch] for ch in piece]
+            else:  # a special token (or a tokenizer that is not byte-level): its text
+                raw = list(text.encode("utf-8"))
+            hit = self._cache[token_id] = (text, raw)
+        return hit

@@ -73,8 +73,26 @@ CASES = [
     case("/v1/completions", {**OK, "n": 0}, 400, "n", id="n0"),
     case("/v1/completions", {**OK, "n": 9}, 400, "n", id="n9"),
     case("/v1/completions", {**OK, "frobnicate": 1}, 400, "frobnicate", id="unknown-field"),
-    case("/v1/completions", {**OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
-    case("/v1/completions", {**OK, "echo": True}, 400, "echo", id="echo"),
+    case("/v1/completions", {**OK, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    case("/v1/completions", {**OK, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    case("/v1/completions", {**OK, "echo": "sometimes"}, 400, "echo", id="echo-str"),
+    case("/v1/completions", {**OK, "logprobs": 21}, 400, "logprobs", id="logprobs-21"),
+    case("/v1/completions", {**OK, "logprobs": -1}, 400, "logprobs", id="logprobs-neg"),
+    case("/v1/completions", {**OK, "logprobs": True}, 400, "logprobs", id="logprobs-bool"),
+    case(
+        "/v1/completions",
+        {**OK, "max_tokens": 0, "logprobs": 2},
+        400,
+        "max_tokens",
+        id="max0-without-echo",
+    ),  # fmt: skip
+    case(
+        "/v1/completions",
+        {**OK, "prompt": "word " * 2000, "echo": True, "max_tokens": 0, "logprobs": 1},
+        400,
+        "max_tokens",
+        id="echo-too-long",
+    ),  # fmt: skip
     case(
         "/v1/completions",
         {**OK, "stream": True, "max_tokens": 1020},
@@ -115,6 +133,23 @@ CASES = [
     case(
         "/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"
     ),  # fmt: skip
+    case("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", id="top-lp"),
+    case(
+        "/v1/chat/completions",
+        {**CHAT, "logprobs": False, "top_logprobs": 0},
+        400,
+        "top_logprobs",
+        id="top-lp-false",
+    ),  # fmt: skip
+    case(
+        "/v1/chat/completions",
+        {**CHAT, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        id="top-lp-21",
+    ),  # fmt: skip
+    case("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens", id="chat-max0"),
+    case("/v1/chat/completions", {**CHAT, "echo": True}, 400, "echo", id="chat-echo"),
     # /infer and /compare
     case("/infer", {"prompt": ""}, 400, "prompt", id="infer-empty"),
     case("/infer", {"prompt": "a", "top_k": 0}, 400, "top_k", id="infer-topk0"),
