@@ -50,6 +50,10 @@ class StepPlan:
         """The plan for the batch `rows` after the step (kept rows, then `joining`, the
         admitted requests that generate); every admitted request asking for prompt logprobs
         is scored."""
+        score = [(r.prompt_ids, k) for r in admitted if (k := r.params.prompt_logprobs) is not None]
+        if not any(r.extras for r in rows):  # the usual step: as cheap as before these fields
+            prefill, params = [r.prompt_ids for r in joining], [r.params for r in rows]
+            return cls(keep, prefill, params, [r.generator for r in rows], None, score=score)
         repeated = any(r.params.repetition_penalty != 1.0 for r in rows)
         counted = any(r.params.presence_penalty or r.params.frequency_penalty for r in rows)
         asked = [
@@ -64,9 +68,7 @@ class StepPlan:
             outputs=[r.token_ids for r in rows] if counted else None,
             logprob_rows=[i for i, _ in asked],
             logprob_ks=[k for _, k in asked],  # type: ignore[misc]
-            score=[
-                (r.prompt_ids, k) for r in admitted if (k := r.params.prompt_logprobs) is not None
-            ],
+            score=score,
         )
 
 
@@ -80,7 +82,9 @@ class StepOutput:
 
     def per_row(self, rows: list[Request]) -> list[TokenLogprob | None]:
         """Each row's logprob entry (None for rows that did not ask)."""
-        given = iter(self.logprobs or ())
+        if self.logprobs is None:
+            return [None] * len(rows)
+        given = iter(self.logprobs)
         return [next(given) if r.params.logprobs is not None else None for r in rows]
 
 

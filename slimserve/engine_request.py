@@ -76,6 +76,8 @@ class Request:
         self.params = params
         self.generator = params.make_generator()
         self.seen = list(prompt_ids)  # prompt + output ids, for the repetition penalty
+        # Whether a step must do more for this row than sample it (a penalty, logprobs).
+        self.extras = params.penalised or params.logprobs is not None
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] | None = None
