@@ -1,8 +1,17 @@
-"""The client-side SSE decoder the dashboard and the load generator share."""
+"""The client-side SSE decoder the dashboard and the load generator share, and the request
+schemas' logprob, echo and penalty rules."""
 
 from __future__ import annotations
 
-from slimserve.protocol import SSEDecoder, iter_sse_data
+import pytest
+from pydantic import ValidationError
+
+from slimserve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SSEDecoder,
+    iter_sse_data,
+)
 
 
 def test_an_event_is_returned_at_its_blank_line():
@@ -19,11 +28,6 @@ def test_iter_sse_data_joins_multiline_data_and_flushes_the_tail():
 
 
 def test_logprob_and_echo_fields_are_validated_where_they_are_declared():
-    import pytest
-    from pydantic import ValidationError
-
-    from slimserve.protocol import ChatCompletionRequest, CompletionRequest
-
     def completion(**kw):
         return CompletionRequest(model="m", prompt="p", **kw)
 
