@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from slimserve.engine import Engine, EngineConfig
+from slimserve.engine import Engine, EngineConfig, EngineError
 from slimserve.sampling import ParameterError, SamplingParams
 from slimserve.sampling_logprobs import TokenLogprob
 
@@ -231,6 +231,31 @@ def test_a_runtime_without_score_refuses_prompt_logprobs(tiny_runtime, tiny_toke
 
     error, done = run(body())
     assert error.param == "prompt_logprobs" and len(done.logprobs) == 3
+
+
+class BrokenScore(NoScore):
+    """Scoring fails (an engine fault, not the client's)."""
+
+    def score(self, input_ids):
+        raise RuntimeError("score exploded")
+
+
+def test_a_failed_scoring_step_fails_its_requests_and_the_engine_goes_on(
+    tiny_runtime, tiny_tokenizer
+):
+    async def body():
+        engine = Engine(BrokenScore(tiny_runtime), tiny_tokenizer)
+        with pytest.raises(EngineError):
+            await engine.generate(PROMPT, SamplingParams(max_tokens=0, prompt_logprobs=1))
+        with pytest.raises(EngineError):
+            await engine.generate(PROMPT, greedy(3, prompt_logprobs=1))
+        done = await engine.generate(PROMPT, greedy(3))
+        stats = engine.stats()
+        await engine.stop()
+        return done, stats
+
+    done, stats = run(body())
+    assert done.completion_tokens == 3 and stats.failed == 2 and stats.running == 0
 
 
 # -- the ONNX runtime ---------------------------------------------------------------------------
