@@ -46,6 +46,7 @@ class EvalPlan:
     in_process: bool = True
     concurrent: int = 8  # lm-eval's requests in flight against the API
     hf_batch: int = 16
+    threads: int = 1  # torch threads of the in-process runs
     load_clients: int = 16
     load_requests_per_client: int = 4
     load_max_tokens: int = 64
@@ -137,6 +138,12 @@ def run_eval(plan: EvalPlan) -> list[Path]:
     ctx = profile.block_size
     plan.load("start")
     local: dict[str, Scores] = {}
+    if plan.in_process:
+        import torch
+
+        # One thread, as each replica runs: on 2 shared cores, 2 threads spin-waiting for each
+        # other took twice as long for the same work.
+        torch.set_num_threads(plan.threads)
     for name, info in variants.items():
         if plan.in_process and info["runtime"] == "torch":
             args = hf_model_args(info["folder"], tok_dir, ctx)
@@ -197,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> EvalPlan:
     p.add_argument("--ppl-tokens", type=int, default=16384, help="test tokens for perplexity")
     p.add_argument("--seed", type=int, default=0, help="seed of the task draw")
     p.add_argument("--concurrent", type=int, default=8, help="lm-eval requests in flight")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in process")
     p.add_argument("--load-clients", type=int, default=16, help="clients of the speed load")
     a = p.parse_args(argv)
     spec = TaskSpec(items=a.items, choices=a.choices, ppl_tokens=a.ppl_tokens, seed=a.seed)
@@ -211,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> EvalPlan:
         only=a.only,
         in_process=not a.no_in_process,
         concurrent=a.concurrent,
+        threads=a.threads,
         load_clients=a.load_clients,
         command=" ".join(["python -m bench.eval", *(argv if argv is not None else sys.argv[1:])]),
     )

@@ -162,13 +162,14 @@ def eval_report(
             ("committed_tok_s_16", source or f"no {COMMITTED} in reports/"),
         )
     ]
-    tables = [
-        Table.from_records(QUALITY_TITLE, quality_rows(variants, api, load)),
-        Table.from_records("lm-eval results per variant and path", paths),
-        Table.from_records("API vs in-process (torch variants)", agreement),
-        Table.from_records("served tokens/s at 16 clients", speed),
-        Table.from_records("where each column comes from", sources),
+    titled = [
+        (QUALITY_TITLE, quality_rows(variants, api, load)),
+        ("lm-eval results per variant and path", paths),
+        ("API vs in-process (torch variants)", agreement),  # none with --no-in-process
+        ("served tokens/s at 16 clients", speed),
+        ("where each column comes from", sources),
     ]
+    tables = [Table.from_records(title, rows) for title, rows in titled if rows]
     charts = [Chart(title="task accuracy (API)", type="bar", x="variant", y=["acc"])]
     return new_report(
         NAME,
@@ -183,10 +184,15 @@ def eval_report(
 
 def _notes(agreement: list[dict[str, Any]], facts: dict[str, Any]) -> list[str]:
     agree = sum(bool(r["agree"]) for r in agreement)
+    checked = (
+        f"API vs in-process: {agree} of {len(agreement)} torch variants agree (accuracy "
+        f"identical, word / byte / token perplexity within {100 * PPL_TOLERANCE:g} %)."
+        if agreement
+        else "API vs in-process: not compared in this run (no torch variant run in process)."
+    )
     return [
         f"Tasks from the profile's test split: {facts.get('tasks', '?')}.",
-        f"API vs in-process: {agree} of {len(agreement)} torch variants agree (accuracy "
-        f"identical, word / byte / token perplexity within {100 * PPL_TOLERANCE:g} %).",
+        checked,
         "Pareto front: no other variant has both more tokens/s at 16 clients and a higher "
         "accuracy.",
         *facts.get("notes", []),
@@ -206,6 +212,7 @@ def render_quality_png(report: Report, path: Path) -> None:
     for r in rows:
         size = 60 + 900 * (r["mb_on_disk"] or 0) / biggest
         colour = "tab:orange" if r["pareto"] else "tab:blue"
+        ax.errorbar(r["tok_s_16"], r["acc"], yerr=r["acc_stderr"], color="grey", capsize=3)
         ax.scatter(r["tok_s_16"], r["acc"], s=size, alpha=0.6, color=colour, edgecolor="k")
         ax.annotate(r["variant"], (r["tok_s_16"], r["acc"]), fontsize=8, xytext=(6, 6),
                     textcoords="offset points")  # fmt: skip
@@ -215,7 +222,7 @@ def render_quality_png(report: Report, path: Path) -> None:
         ax.legend(loc="lower left")
     ax.set_xlabel("served output tokens/s at 16 clients")
     ax.set_ylabel("next-words accuracy (API)")
-    ax.set_title("Quality for speed (marker area = bytes on disk)")
+    ax.set_title("Quality for speed (area = bytes on disk, bars = 1 standard error)")
     ax.grid(alpha=0.3)
     machine = report.machine
     fig.suptitle(f"{machine.get('cpu', '?')}, gpu: {machine.get('gpu', 'none')}", fontsize=8)

@@ -209,6 +209,16 @@ def test_report_joins_quality_speed_and_sources_and_draws_the_picture(tmp_path):
     assert report.tables[2].records()[0]["agree"] is True
     assert report.tables[3].records()[0]["committed_tok_s_16"] == 1662.0
     assert "abc1234" in str(report.tables[4].rows)
+    without_local = eval_report(
+        variants=variants,
+        api={"student": scores(0.8, 190.0, lls)},
+        local={},
+        load={},
+        committed=({}, ""),
+        facts={},
+    )
+    titles = [t.title for t in without_local.tables]
+    assert titles[0].startswith("Quality for speed") and not any("in-process" in t for t in titles)
     paths = write_eval(report, tmp_path / "out")
     assert [p.name for p in paths] == ["eval.json", "eval.md", "eval.png"]
     assert read_report(paths[0]).report is not None
