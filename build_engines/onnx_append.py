@@ -18,11 +18,13 @@ to new columns 0..t (causal), so prefill is the same graph with C = 0.
 It is written from the model's weights with plain tensor operations (the same ones, in the
 same order, as `slimserve.runtimes.gpt2_step`), not traced through transformers' modules: its
 mask building (Range, Expand, GatherND, ...) was a further ~5 % of a step. Every Linear is a
-2-D Gemm with its bias; the embedding (V, E) is stored once and its rows gathered (a gather
-along axis 1 of an (E, V) copy, as the standard graph does it for the int8 quantizer's sake,
-was ~6 % of a step); the tied head is `linear` on that table, which ONNX Runtime transposes
-once in memory at load. Only plain GPT-2 blocks qualify (`DecodeStep.of`); the exporter writes
-no such graph for others. TensorRT and ONNX Runtime's CUDA path keep the standard graph.
+2-D Gemm with its bias. The tied embedding is the standard graph's own (E, V) matrix, so the
+folder's one weights file serves both graphs (`onnx_graph.share_weights`): the head is a MatMul
+on it, and the lookup gathers rows of its Transpose, which ONNX Runtime folds into a (V, E)
+table once at load (a gather along axis 1 of (E, V), as the standard graph does it for the
+int8 quantizer's sake, was ~6 % of a step). Only plain GPT-2 blocks qualify
+(`DecodeStep.of`); the exporter writes no such graph for others. TensorRT and ONNX Runtime's
+CUDA path keep the standard graph.
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ class AppendKVLM(nn.Module):
         self.heads = [b.heads for b in step.blocks]
         self.head_dims = [b.head_dim for b in step.blocks]
         self.scales = [b.scale for b in step.blocks]
-        # The embedding (V, E) is stored once: the lookup gathers its rows, the tied head is
-        # `linear` on the same table.
-        self.wte = _frozen(step.wte)
-        self.head = self.wte if step.head.data_ptr() == step.wte.data_ptr() else _frozen(step.head)
+        # The same (E, V) matrices as the standard graph (`onnx_export.KVCacheLM`), so the two
+        # graphs share their bytes in the folder's weights file: the head is a MatMul on it,
+        # and the lookup gathers rows of its transpose, which ONNX Runtime folds into a (V, E)
+        # table once at load (a gather along axis 1 of (E, V) was ~6 % of a step).
+        self.embed_t = _frozen(step.wte.t())
+        tied = step.head.data_ptr() == step.wte.data_ptr()
+        self.head_t = self.embed_t if tied else _frozen(step.head.t())
         self.wpe = _frozen(step.wpe)
         self.ln_f = nn.ParameterList([_frozen(t) for t in step.ln_f])
         self.blocks = nn.ModuleList()
@@ -76,9 +81,10 @@ class AppendKVLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         b, t = input_ids.shape
-        width = self.wte.shape[1]
+        width = self.embed_t.shape[0]
         ids, positions = input_ids.reshape(-1), position_ids.reshape(-1)
-        h = self.wte.index_select(0, ids) + self.wpe.index_select(0, positions)  # (B * T, E)
+        wte = self.embed_t.t()  # (V, E): a Transpose of an initializer, folded at load
+        h = wte.index_select(0, ids) + self.wpe.index_select(0, positions)  # (B * T, E)
         c = past[0].shape[2]
         # (B, 1, T, C + T): a past column counts where the mask says so; new column j from
         # query t only when j <= t.
@@ -105,12 +111,12 @@ class AppendKVLM(nn.Module):
             h = h + torch.addmm(blk.out[1], hidden, blk.out[0])
             present += [k, v]
         h = nn.functional.layer_norm(h, (width,), self.ln_f[0], self.ln_f[1], self.eps)
-        logits = nn.functional.linear(h.view(b, t, width), self.head)
+        logits = h.view(b, t, width) @ self.head_t
         return (logits, *present)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().clone(), requires_grad=False)
+    return nn.Parameter(t.detach().contiguous().clone(), requires_grad=False)
 
 
 def export_append_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
@@ -140,4 +146,4 @@ def try_append(out_dir: Path, ref, args: tuple, opset: int, log) -> dict[str, An
         log(f"append graph not kept: {exc}")
         return {"reason": str(exc)}
     log(f"append graph kept: max |logit diff| {parity['max_abs_logit_diff']:.2e}")
-    return {"kept": True, "file": APPEND_FILE, "onnx_bytes": path.stat().st_size, "parity": parity}
+    return {"kept": True, "file": APPEND_FILE, "parity": parity}

@@ -10,8 +10,15 @@ and a constant-folded transpose (E, V) for the LM head; the dynamo exporter stor
 but feeds the head through a Transpose node, which ONNX Runtime folds into a second copy in
 memory and which its int8 quantizer skips (the weight is not an initializer). `KVCacheLM`
 keeps one (E, V) matrix: the head is a plain MatMul on it, and the lookup is `Gather(axis=1)`
-on the same matrix, a negligible strided read of B·T·E values. Initializer bytes must stay
-within 1.05 × the parent's safetensors.
+on the same matrix, a negligible strided read of B·T·E values.
+
+The folder holds its weights once. Both graphs are exported with their weights inline, checked,
+and then `onnx_graph.share_weights` moves every initializer into one external-data file,
+`model.onnx.data`, each distinct tensor written once: the append graph reads the standard
+graph's own matrices (the same bytes at the same offsets), so the folder is the size of one set
+of weights plus two small graph files. Initializer bytes, and the weights file, must stay within
+1.05 × the parent's safetensors. ONNX Runtime reads the file next to the graph it loads;
+folders written before (two graphs, each with every weight inline) still load as they are.
 
 Optional ONNX Runtime GPT-2 fusion (`optimize`: SkipLayerNormalization, FastGelu, Gemm →
 MatMul + Add) is kept only if the fused graph passes the same parity check and decodes at least
@@ -40,11 +47,13 @@ from torch import nn
 
 from build_engines.onnx_append import try_append
 from build_engines.onnx_graph import (
+    WEIGHTS_FILE,
     OnnxCheckError,
     add_logits_to_keep,
     check_onnx,
     initializer_stats,
     quiet_export,
+    share_weights,
     write_sidecar,
 )
 from build_engines.parity import check_parity, decode_ms, prompt_ids
@@ -202,12 +211,7 @@ def export_folder(
     details["checker"] = "passed (full_check)"
     weights = initializer_stats(path)
     st_bytes = sum(p.stat().st_size for p in parent_dir.glob("*.safetensors"))
-    details.update(
-        onnx_bytes=path.stat().st_size,
-        safetensors_bytes=st_bytes,
-        weight_bytes=weights["weight_bytes"],
-        file_ratio=round(path.stat().st_size / st_bytes, 4) if st_bytes else None,
-    )
+    details.update(safetensors_bytes=st_bytes, weight_bytes=weights["weight_bytes"])
     if st_bytes and weights["weight_bytes"] > MAX_WEIGHT_RATIO * st_bytes:
         raise OnnxCheckError(
             f"{path}: weights take {weights['weight_bytes']} bytes, more than "
@@ -231,13 +235,39 @@ def export_folder(
     details["optimize"] = {"requested": params.optimize, "kept": False}
     if params.optimize:
         details["optimize"].update(_try_optimize(out_dir, cfg, ref, args, log))
-        details["onnx_bytes"] = path.stat().st_size  # the graph kept
-        details["file_ratio"] = round(path.stat().st_size / st_bytes, 4) if st_bytes else None
     details["append"] = {"requested": params.append_graph, "kept": False}
     if params.append_graph:
         details["append"].update(try_append(out_dir, ref, args, params.opset, log))
+    details.update(store_weights_once(out_dir, st_bytes))
     details.update(params_total=weights["params_total"], params_nonzero=weights["params_nonzero"])
     return details
+
+
+def store_weights_once(out_dir: Path, st_bytes: int) -> dict[str, Any]:
+    """Move the weights of the folder's graphs into one shared file (`onnx_graph.share_weights`),
+    check the graphs again and name the file in the sidecar; returns the sizes for the details.
+
+    Raises OnnxCheckError when the weights file is larger than `MAX_WEIGHT_RATIO` × the
+    parent's safetensors (a matrix stored twice)."""
+    from slimserve.runtimes import onnx_rt
+
+    meta = onnx_rt.read_sidecar(out_dir)
+    graphs = [meta["model"], *([meta["append"]] if meta.get("append") else [])]
+    data_bytes = share_weights(out_dir, graphs)
+    for name in graphs:
+        check_onnx(out_dir / name, full=name != meta["model"] or meta.get("graph") == "standard")
+    write_sidecar(out_dir, {**meta, "weights": WEIGHTS_FILE})
+    if st_bytes and data_bytes > MAX_WEIGHT_RATIO * st_bytes:
+        raise OnnxCheckError(
+            f"{out_dir / WEIGHTS_FILE}: {data_bytes} bytes, more than {MAX_WEIGHT_RATIO} x the "
+            f"parent's {st_bytes} (the graphs do not share their weights)"
+        )
+    onnx_bytes = data_bytes + sum((out_dir / g).stat().st_size for g in graphs)
+    return {
+        "weights_file": {"file": WEIGHTS_FILE, "bytes": data_bytes, "graphs": graphs},
+        "onnx_bytes": onnx_bytes,
+        "file_ratio": round(onnx_bytes / st_bytes, 4) if st_bytes else None,
+    }
 
 
 def _try_optimize(out_dir: Path, cfg: Any, ref, args: tuple, log) -> dict[str, Any]:
@@ -269,7 +299,8 @@ def _try_optimize(out_dir: Path, cfg: Any, ref, args: tuple, log) -> dict[str, A
 
 
 def run(ctx: StepContext) -> StepResult:
-    """The export-onnx step: parent torch folder → out_dir/{model.onnx, onnx.json, config...}."""
+    """The export-onnx step: parent torch folder → out_dir/{model.onnx, model.append.onnx,
+    model.onnx.data (their one set of weights), onnx.json, config...}."""
     if ctx.parent_dir is None:
         raise ArtifactError(f"{ctx.variant}: export-onnx needs a parent ('from')")
     params = ctx.params

@@ -1,10 +1,17 @@
 """Writing and checking ONNX graphs: the quiet exporter, example inputs, the optional
-`logits_to_keep` input, the checker and the sidecar. Shared by the standard KV-cache graph
-(build_engines.onnx_export) and the append graph (build_engines.onnx_append).
+`logits_to_keep` input, the checker, the shared weights file and the sidecar. Shared by the
+standard KV-cache graph (build_engines.onnx_export) and the append graph
+(build_engines.onnx_append).
+
+An export folder holds its weights once: `share_weights` moves every initializer of its graphs
+into one external-data file (`WEIGHTS_FILE`), each distinct tensor written once, so the standard
+and the append graph (which hold the same matrices) and any tied copies inside one graph point
+at the same bytes. Only small initializers (shape constants, scalars) stay inside the graphs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -25,6 +32,11 @@ WEIGHT_TYPES = {
     onnx.TensorProto.INT8,
     onnx.TensorProto.UINT8,
 }
+WEIGHTS_FILE = "model.onnx.data"  # the external-data file every graph of a folder reads
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inline (onnx's own default threshold)
+# Large tensors start on a 64 KiB boundary (onnx's alignment for memory-mapping, the Windows
+# allocation granularity and a multiple of the page size); small ones are packed back to back.
+ALIGN_FROM_BYTES, ALIGNMENT = 1 << 20, 1 << 16
 
 
 class OnnxCheckError(ValueError):
@@ -187,6 +199,57 @@ def initializer_stats(path: Path) -> dict[str, int]:
         nonzero += int(np.count_nonzero(arr))
         nbytes += arr.nbytes
     return {"params_total": total, "params_nonzero": nonzero, "weight_bytes": nbytes}
+
+
+def share_weights(out_dir: Path, graphs: list[str], data_file: str = WEIGHTS_FILE) -> int:
+    """Move the initializers of `graphs` (file names in `out_dir`) into `out_dir/data_file`.
+
+    Each distinct tensor (by its bytes) is written once and every initializer holding those
+    bytes points at the same offset, across graphs and within one. Initializers under
+    `EXTERNAL_MIN_BYTES` stay inline. The graphs are rewritten in place; returns the data
+    file's size in bytes. Graphs that already use external data are read through it.
+    """
+    from onnx import external_data_helper, numpy_helper
+
+    models = [onnx.load(str(out_dir / g)) for g in graphs]  # external data read in, if any
+    placed: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length)
+    tmp = out_dir / f"{data_file}.partial"
+    with tmp.open("wb") as f:
+        for model in models:
+            for init in model.graph.initializer:
+                if init.data_type == onnx.TensorProto.STRING:
+                    continue
+                if not init.HasField("raw_data"):  # typed fields (float_data, ...) → raw bytes
+                    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+                raw = init.raw_data
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                if key not in placed:
+                    offset = f.tell()
+                    if len(raw) >= ALIGN_FROM_BYTES and offset % ALIGNMENT:
+                        f.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
+                        offset = f.tell()
+                    f.write(raw)
+                    placed[key] = (offset, len(raw))
+                offset, length = placed[key]
+                external_data_helper.set_external_data(init, data_file, offset, length)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+        size = f.tell()
+    tmp.replace(out_dir / data_file)
+    for name, model in zip(graphs, models, strict=True):
+        (out_dir / name).write_bytes(model.SerializeToString())  # the graph alone, no weights
+    return size
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes on disk of the graph at `path` plus the external-data files it reads (each once)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
 def write_sidecar(out_dir: Path, meta: dict[str, Any]) -> None:

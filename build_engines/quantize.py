@@ -42,6 +42,7 @@ from build_engines.onnx_export import (
     initializer_stats,
     write_sidecar,
 )
+from build_engines.onnx_graph import graph_bytes
 from build_engines.parity import prompt_ids, quality_vs
 from slimserve.artifacts import ArtifactError, read_manifest
 from slimserve.runner import StepContext, StepResult
@@ -189,7 +190,7 @@ def quantize_folder(
         graph = read_sidecar(src_dir).get("graph", "standard")
         check_onnx(dst, full=graph == "standard")
         write_sidecar(out_dir, {"model": MODEL_FILE, "precision": "int8", "graph": graph})
-        fp32_bytes, int8_bytes = src.stat().st_size, dst.stat().st_size
+        fp32_bytes, int8_bytes = graph_bytes(src), graph_bytes(dst)  # with external data
         details.update(
             fp32_bytes=fp32_bytes,
             int8_bytes=int8_bytes,

@@ -134,7 +134,8 @@ ONNXRUNTIME = RuntimeSpec(
     label="ONNX Runtime",
     module="slimserve.runtimes.onnx_rt",
     packages=("onnxruntime",),
-    # the sidecar: {"model": "model.onnx", "precision": "float32" | "int8", "graph": ...}
+    # the sidecar: {"model": "model.onnx", "precision": "float32" | "int8", "graph": ...,
+    # "append": "model.append.onnx", "weights": "model.onnx.data" (the graphs' one weights file)}
     files=ArtifactFiles(weights=("model.onnx",), sidecar="onnx.json", weights_key="model"),
     load_options=frozenset({"device", "threads"}),  # the graph fixed its precision
     gpu_probe=onnxruntime_gpu_missing,

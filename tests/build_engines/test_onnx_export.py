@@ -1,4 +1,5 @@
-"""export-onnx on a tiny GPT-2: checker, KV-cache graph, parity, tied embedding, bad input."""
+"""export-onnx on a tiny GPT-2: checker, KV-cache graph, parity, tied embedding, one shared
+weights file for both graphs, bad input."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 from build_engines.onnx_append import APPEND_FILE, AppendKVLM
 from build_engines.onnx_export import MODEL_FILE, OnnxCheckError, check_onnx, export_folder, run
+from build_engines.onnx_graph import EXTERNAL_MIN_BYTES, WEIGHTS_FILE
 from build_engines.parity import ParityError, check_parity, prompt_ids
-from slimserve.artifacts import ArtifactError, Manifest, read_manifest, write_manifest
+from slimserve.artifacts import ArtifactError, Manifest, folder_bytes, read_manifest, write_manifest
 from slimserve.runner import StepResult, count_safetensors
 from slimserve.steps import ExportOnnxParams
 from slimserve.tokenizer import save_hf_tokenizer, train_bpe
@@ -406,3 +408,64 @@ def test_append_graph_can_be_turned_off_and_needs_a_plain_gpt2(parent, tmp_path)
     model.config.reorder_and_upcast_attn = True  # an attention variant the graph does not cover
     with pytest.raises(ValueError, match="plain GPT-2"):
         AppendKVLM(model)
+
+
+def external_spans(path: Path) -> set[tuple[str, int, int]]:
+    """(file, offset, length) of every initializer of the graph at `path` kept outside it;
+    asserts that what stays inline is small (shape constants, scalars, LayerNorm vectors)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    spans = set()
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            spans.add((info.location, info.offset, info.length))
+        else:
+            assert len(t.raw_data) < EXTERNAL_MIN_BYTES, f"{t.name} is inline"
+    return spans
+
+
+def test_both_graphs_read_their_weights_from_one_file(exported, parent):
+    out, result = exported
+    meta = json.loads((out / "onnx.json").read_text())
+    assert meta["weights"] == WEIGHTS_FILE
+    shared = result.details["weights_file"]
+    assert shared["graphs"] == [MODEL_FILE, APPEND_FILE]
+    assert shared["bytes"] == (out / WEIGHTS_FILE).stat().st_size
+    main, append = external_spans(out / MODEL_FILE), external_spans(out / APPEND_FILE)
+    assert {f for f, _, _ in main | append} == {WEIGHTS_FILE}
+    # the append graph reads the standard graph's own bytes, and no span is written twice
+    assert append <= main
+    st_bytes = (parent / "model.safetensors").stat().st_size
+    assert shared["bytes"] <= 1.05 * st_bytes
+    assert sum(length for _, _, length in main) <= shared["bytes"]
+    graphs = sum((out / g).stat().st_size for g in (MODEL_FILE, APPEND_FILE))
+    assert result.details["onnx_bytes"] == shared["bytes"] + graphs
+
+
+@pytest.mark.timeout(240)
+def test_folder_is_the_size_of_one_set_of_weights(tmp_path):
+    """A wider model (graph structure and tokenizer are then small beside the weights): the
+    whole folder stays within 1.05 x the parent's safetensors, both graphs load in ONNX Runtime
+    from the shared file and the served graph matches PyTorch."""
+    from slimserve.runtimes import onnx_rt, torch_rt
+
+    parent = make_torch_artifact(tmp_path / "wide", n_embd=192)
+    out = tmp_path / "wide-onnx"
+    result = run(fake_ctx(parent, out, ExportOnnxParams(optimize=False, parity_steps=8)))
+    st_bytes = sum(p.stat().st_size for p in parent.glob("*.safetensors"))
+    assert folder_bytes(out) <= 1.05 * st_bytes, (folder_bytes(out), st_bytes)
+    assert result.details["append"]["kept"] and result.details["parity"]["passed"]
+    for name in (MODEL_FILE, APPEND_FILE):
+        ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+    rt = onnx_rt.load(out, device="cpu", threads=1)
+    ref = torch_rt.load(parent, device="cpu", dtype="float32")
+    assert rt.append
+    prompts = [[5, 9, 11, 3], [7, 2]]
+    got, state = rt.prefill(prompts)
+    want, ref_state = ref.prefill(prompts)
+    assert float((got - want).abs().max()) < 1e-4
+    tokens = want.argmax(-1)
+    got, _ = rt.decode(tokens, state)
+    want, _ = ref.decode(tokens, ref_state)
+    assert float((got - want).abs().max()) < 1e-4

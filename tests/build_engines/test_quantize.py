@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_onnx_export import fake_ctx, make_torch_artifact
 
 from build_engines.onnx_export import MODEL_FILE, export_folder, initializer_stats
+from build_engines.onnx_graph import WEIGHTS_FILE
 from build_engines.parity import forced_choices, greedy
 from build_engines.quantize import QualityError, gemm_to_matmul, quantize_folder, run
 from slimserve.artifacts import ArtifactError, Manifest, write_manifest
@@ -92,8 +93,14 @@ def test_weights_shrink_to_under_30_percent(int8, onnx_parent):
     q = initializer_stats(out / MODEL_FILE)
     assert q["params_total"] == fp32["params_total"] == result.params_total
     assert q["weight_bytes"] <= 0.30 * fp32["weight_bytes"]
+    # the fp32 parent's graph reads its weights from the folder's shared file: counted with it
+    assert (onnx_parent / WEIGHTS_FILE).is_file()
+    fp32_bytes = (onnx_parent / MODEL_FILE).stat().st_size + (
+        onnx_parent / WEIGHTS_FILE
+    ).stat().st_size
+    assert result.details["fp32_bytes"] == fp32_bytes
     assert result.details["size_ratio"] == pytest.approx(
-        (out / MODEL_FILE).stat().st_size / (onnx_parent / MODEL_FILE).stat().st_size, abs=1e-3
+        (out / MODEL_FILE).stat().st_size / fp32_bytes, abs=1e-3
     )
 
 

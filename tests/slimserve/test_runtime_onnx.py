@@ -1,5 +1,7 @@
 """The ONNX Runtime runtime against the torch runtime on the same tiny GPT-2 (CPU, fp32), on the
-standard graph and on the append graph (KV cache in arenas)."""
+standard graph and on the append graph (KV cache in arenas), with each graph's weights inline
+(the layout of folders written before the shared weights file) and with both graphs reading one
+shared weights file (what export-onnx writes now)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from build_engines.onnx_append import APPEND_FILE, export_append_onnx
 from build_engines.onnx_export import export_kv_onnx, load_parent_model, prepare_folder
+from build_engines.onnx_graph import WEIGHTS_FILE, share_weights
 from slimserve.artifacts import Manifest, write_manifest
 from slimserve.runtimes import load
 from slimserve.runtimes.arena import GROW_MIN, ArenaKVState
@@ -56,11 +59,23 @@ def append_dir(onnx_dir: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["standard", "append"])
-def ort_rt(request, onnx_dir, append_dir):
-    rt = load(append_dir if request.param == "append" else onnx_dir, device="cpu", threads=1)
-    assert rt.append == (request.param == "append")
-    assert rt.info.extra["graph"] == request.param
+@pytest.fixture(scope="module")
+def shared_dir(append_dir: Path, tmp_path_factory) -> Path:
+    """The same two graphs with their weights moved into one shared file."""
+    out = tmp_path_factory.mktemp("tiny-onnx-shared")
+    shutil.copytree(append_dir, out, dirs_exist_ok=True)
+    share_weights(out, ["model.onnx", APPEND_FILE])
+    meta = json.loads((out / SIDECAR).read_text())
+    (out / SIDECAR).write_text(json.dumps({**meta, "weights": WEIGHTS_FILE}))
+    return out
+
+
+@pytest.fixture(scope="module", params=["standard", "append", "shared"])
+def ort_rt(request, onnx_dir, append_dir, shared_dir):
+    folder = {"standard": onnx_dir, "append": append_dir, "shared": shared_dir}[request.param]
+    rt = load(folder, device="cpu", threads=1)
+    assert rt.append == (request.param != "standard")
+    assert rt.info.extra["graph"] == ("standard" if request.param == "standard" else "append")
     return rt
 
 
