@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
+from deployments.channel import ChannelLost
 from deployments.errors import RETRYABLE, stream_error
 from deployments.messages import chat_params, completion_params, job
 from deployments.replica_client import Event, ReplicaClient, Stream, cancel
@@ -136,8 +137,8 @@ async def sse(
         tail = frame(client.timeout().payload())
     except Exception as exc:  # mid-stream: the status line is gone, send an error frame
         log.warning("stream failed for %s: %r", fmt.model, exc)
-        if isinstance(exc, RETRYABLE):
-            client.replica_lost()
+        if isinstance(exc, RETRYABLE) and not isinstance(exc, ChannelLost):
+            client.replica_lost()  # a cut events connection is no replica outage
         tail = frame(stream_error(exc))
     finally:
         if not finished:
