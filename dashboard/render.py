@@ -160,12 +160,18 @@ def quality_chart_spec(records: list[dict]) -> dict:
     """A Vega-Lite spec: one point per variant (x tokens/s at 16 clients, y accuracy, area
     by MB on disk, orange on the Pareto front), the front as a dashed line, names beside."""
     points = [r for r in records if r.get("tok_s_16") is not None and r.get("acc") is not None]
-    x = {"field": "tok_s_16", "type": "quantitative", "title": "served tokens/s, 16 clients"}
+    room = {"zero": False, "padding": 24}  # no point or label cut at the plot's edge
+    x = {
+        "field": "tok_s_16",
+        "type": "quantitative",
+        "title": "served tokens/s, 16 clients",
+        "scale": room,
+    }
     y = {
         "field": "acc",
         "type": "quantitative",
         "title": "next-words accuracy (API)",
-        "scale": {"zero": False},
+        "scale": room,
     }
     colour = {
         "field": "pareto",
@@ -188,7 +194,12 @@ def quality_chart_spec(records: list[dict]) -> dict:
                 "encoding": {
                     "x": x,
                     "y": y,
-                    "size": {"field": "mb_on_disk", "type": "quantitative", "title": "MB"},
+                    "size": {
+                        "field": "mb_on_disk",
+                        "type": "quantitative",
+                        "title": "MB on disk",
+                        "scale": {"zero": True, "range": [40, 1200]},
+                    },
                     "color": colour,
                     "tooltip": tooltip,
                 },

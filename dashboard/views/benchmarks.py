@@ -17,6 +17,10 @@ from dashboard.render import escape_markdown, quality_chart_spec, quality_table
 from slimserve.reports import Report, read_report, read_reports
 
 EVAL_REPORT = "eval.json"
+# the quality table's columns shown beside the picture (the report's expander has them all)
+BESIDE = (
+    "variant", "acc", "token_perplexity", "agreement", "mb_on_disk", "tok_s_16", "e2e_p50_ms_16",
+)  # fmt: skip
 
 
 def reports_dir() -> Path:
@@ -75,11 +79,13 @@ def quality_for_speed(folder: Path) -> None:
         f"x: served tokens/s at 16 clients, y: task accuracy through the API, area: bytes on "
         f"disk; orange: the Pareto front. Commit `{loaded.report.commit}`."
     )
-    chart, numbers = st.columns([3, 2])
+    chart, numbers = st.columns(2)
     with chart:
         st.vega_lite_chart(quality_chart_spec(table.records()), use_container_width=True)
     with numbers:
-        st.dataframe(pd.DataFrame(table.rows, columns=table.columns), hide_index=True)
+        frame = pd.DataFrame(table.rows, columns=table.columns)
+        shown = [c for c in BESIDE if c in frame.columns]
+        st.dataframe(frame[shown], hide_index=True)
         sources = next(
             (t for t in loaded.report.tables if t.columns[:2] == ["column", "source"]), None
         )
