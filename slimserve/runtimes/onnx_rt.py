@@ -17,6 +17,14 @@ decode writes into the arena in place, where the standard graph copies the whole
 step (a batch-16 decode of the tiny student took 0.75 of the time). Select and merge then
 build arenas too.
 
+An export folder keeps both graphs' weights once, in `model.onnx.data`, which ONNX Runtime reads
+next to the graph it loads (older folders carry the weights inside each graph; both load). A
+runtime opens one graph, never both: each session holds its own prepacked copy of the weights,
+and giving two sessions the same initializers (`SessionOptions.add_initializer` over a memmap of
+the file) shares none of it, since each session still packs its own (GPT-2-124M shape: one
+session +632 MB, two +1253 MB plain and +1577 MB with shared initializers; turning prepacking
+off keeps the weights in the file's shared pages but doubled a batch-8 decode step's CPU time).
+
 Both graphs from this exporter also take `logits_to_keep` (int64, shape (1,)): logits come
 only for the last N positions, and N defaults to the context length (every position) when not
 fed. Prefill feeds 1 on CPU (it needs one row per prompt); a graph without that input is still

@@ -257,3 +257,27 @@ def test_append_decode_from_an_older_state_stays_correct(append_rt):
     again, other = append_rt.decode(torch.tensor([10, 11]), s)  # s is no longer the newest
     assert close(first, again) == 0.0 and other.arena is not newer.arena
     assert close(newer.keys[0], other.keys[0]) == 0.0
+
+
+def test_a_runtime_opens_one_graph_of_a_shared_folder(shared_dir, monkeypatch):
+    """Each ONNX Runtime session keeps its own prepacked copy of the weights, so a replica that
+    opened both graphs would hold them twice: `load` opens the one graph it serves."""
+    import onnx
+    import onnxruntime
+    from onnx.external_data_helper import uses_external_data
+
+    opened: list[str] = []
+    real = onnxruntime.InferenceSession
+
+    class Counting(real):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Counting)
+    rt = load(shared_dir, device="cpu", threads=1)
+    assert opened == [APPEND_FILE] and rt.append
+    graph = onnx.load(str(shared_dir / APPEND_FILE), load_external_data=False)
+    assert any(uses_external_data(t) for t in graph.graph.initializer)  # read from the file
+    logits, state = rt.prefill([[3, 4, 5]])
+    assert torch.isfinite(logits).all() and state.past_length == 3
