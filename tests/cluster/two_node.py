@@ -4,9 +4,11 @@ Run by `test_two_nodes.py` in its own process (never inside the test session's s
 
     python tests/cluster/two_node.py --workdir DIR --out DIR/result.json
 
-It starts a Ray head and a second Ray node as separate processes on loopback
-(`ray.cluster_utils.Cluster`), each with ONE CPU and a custom resource naming it, then runs the
-same commands the cluster docs give (docs/cluster.md):
+It starts a Ray head and a second Ray node as separate processes (`ray.cluster_utils.Cluster`),
+each with ONE CPU and a custom resource naming it, the second on its own loopback address
+(`SECOND_NODE_IP`, 127.0.0.2; the head keeps Ray's own choice), so that what crosses nodes
+crosses addresses as on real machines. Then it runs the same commands the cluster docs give
+(docs/cluster.md):
 
 1. `slimserve build` (the CLI, joining the cluster through `RAY_ADDRESS`) of a tiny profile
    resized by `deploy/cluster_profile.py --workers 2 --use-gpu false`: Ray Train needs a CPU
@@ -16,9 +18,12 @@ same commands the cluster docs give (docs/cluster.md):
    of serve_config.yaml whose args point at the tiny profile, with `replicas: 2` and
    `num_cpus: 0.6`: two replicas cannot share a 1-CPU node, so Serve must spread them.
 
-It records evidence rather than asserting, so the test reports every fact at once: the nodes,
-the manifest, the node of every Ray Train worker and Serve replica (State API), each replica's
-own health check (one decode step through its engine) and answers through the HTTP ingress.
+It records evidence rather than asserting, so the test reports every fact at once: the nodes
+and their addresses, the manifest, the node of every Ray Train worker and Serve replica (State
+API), each replica's own health check (one decode step through its engine), answers and
+streamed answers through the HTTP ingress, and the stream events channel's sockets: where the
+ingress replica's events inbox listens and which model replicas hold a connection to it
+(deployments/channel.py: a replica connects to the inbox at the ingress node's address).
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ import yaml
 from slimserve.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SECOND_NODE_IP = "127.0.0.2"  # node_b: an address of its own, still on this machine
+SIDE_PORT_VARS = (  # ports Serve binds at Ray's fixed defaults: moved off a local `serve run`'s
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+NODE_IDS = "node_ids.json"  # written in the workdir once the cluster is up
 PROFILE_NAME = "cluster"
 VARIANT = "teacher"
 APP = "slimserve"
@@ -106,6 +119,9 @@ def write_serve_config(workdir: Path, profile: Path, port: int) -> Path:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["proxy_location"] = "HeadOnly"
     config["http_options"].update(host="127.0.0.1", port=port)
+    env = config["controller_options"]["runtime_env"]["env_vars"]
+    for name in SIDE_PORT_VARS:
+        env.setdefault(name, str(free_port()))
     (app,) = config["applications"]
     assert app["name"] == APP, app["name"]
     args = app["args"]
@@ -133,7 +149,13 @@ def actors(class_name: str) -> list[dict[str, Any]]:
         detail=True,
     )
     return [
-        {"name": a.name, "state": a.state, "node_id": a.node_id, "actor_id": a.actor_id}
+        {
+            "name": a.name,
+            "state": a.state,
+            "node_id": a.node_id,
+            "actor_id": a.actor_id,
+            "pid": a.pid,
+        }
         for a in found
     ]
 
@@ -204,6 +226,67 @@ def complete(port: int, i: int) -> dict[str, Any]:
         return {"code": getattr(exc, "code", None), "error": repr(exc)}
 
 
+def stream(port: int, i: int) -> dict[str, Any]:
+    """One streamed completion: its status, its SSE data lines' texts, errors and [DONE]."""
+    body = json.dumps(
+        {
+            "model": VARIANT,
+            "prompt": f"The while statement {i}",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            lines = [
+                ln[5:].strip() for ln in resp.read().decode().splitlines() if ln[:5] == "data:"
+            ]
+    except Exception as exc:  # recorded: the test shows every failed stream
+        return {"code": getattr(exc, "code", None), "error": repr(exc)}
+    frames = [json.loads(ln) for ln in lines if ln != "[DONE]"]
+    return {
+        "code": resp.status,
+        "done": bool(lines) and lines[-1] == "[DONE]",
+        "errors": [f["error"] for f in frames if "error" in f],
+        "text": "".join(f["choices"][0]["text"] for f in frames if "choices" in f),
+    }
+
+
+def channel_sockets(
+    ingress: list[dict[str, Any]], replicas: list[dict[str, Any]], ips: dict[str, str]
+) -> dict[str, Any]:
+    """The events channel as the kernel sees it: the ingress replica's events inbox (the one
+    socket it listens on at its node's own address; its HTTP and gRPC servers listen on every
+    address) and, for each model replica, its open connections to it."""
+    import psutil
+
+    def conns(pid: int) -> list[Any]:
+        return [c for c in psutil.net_connections(kind="tcp") if c.pid == pid]
+
+    (ing,) = ingress
+    ing_ip = ips[ing["node_id"]]
+    inbox = [
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in conns(ing["pid"])
+        if c.status == psutil.CONN_LISTEN and c.laddr.ip == ing_ip
+    ]
+    out = []
+    for r in replicas:
+        peers = [
+            f"{c.raddr.ip}:{c.raddr.port}"
+            for c in conns(r["pid"])
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr
+        ]
+        out.append({"node_ip": ips[r["node_id"]], "to_inbox": sorted(set(peers) & set(inbox))})
+    return {"ingress_node_ip": ing_ip, "inbox": inbox, "replicas": out}
+
+
 def replica_health(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each replica's own health check, called on its actor.
 
@@ -225,8 +308,12 @@ def replica_health(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def serve_two_replicas(workdir: Path, profile: Path, address: str) -> dict[str, Any]:
-    """`serve run --non-blocking` against the cluster, then ask every replica to answer."""
+def serve_two_replicas(
+    workdir: Path, profile: Path, address: str, ips: dict[str, str]
+) -> dict[str, Any]:
+    """`serve run --non-blocking` against the cluster, then ask every replica to answer, and
+    stream through the ingress until both replicas have streamed (each replica connects to the
+    ingress's events inbox on its first stream)."""
     port = free_port()
     config = write_serve_config(workdir, profile, port)
     env = {**os.environ, "RAY_ADDRESS": address}  # `serve run` joins the running cluster
@@ -247,6 +334,14 @@ def serve_two_replicas(workdir: Path, profile: Path, address: str) -> dict[str, 
     result["health"] = replica_health(replicas)
     with ThreadPoolExecutor(max_workers=6) as pool:
         result["answers"] = list(pool.map(lambda i: complete(port, i), range(6)))
+        ingress = [a for a in actors(f"ServeReplica:{APP}:Ingress") if a["state"] == "ALIVE"]
+        streams: list[dict[str, Any]] = []
+        for batch in range(4):  # the router picks replicas at random: a few rounds reach both
+            streams += pool.map(lambda i: stream(port, i), range(6 * batch, 6 * batch + 6))
+            result["channel"] = channel_sockets(ingress, replicas, ips)
+            if all(r["to_inbox"] for r in result["channel"]["replicas"]):
+                break
+        result["streams"] = streams
     return result
 
 
@@ -275,6 +370,7 @@ def run(workdir: Path) -> dict[str, Any]:
             num_cpus=1,
             num_gpus=0,
             resources={"node_b": 1},
+            node_ip_address=SECOND_NODE_IP,
             dashboard_agent_listen_port=free_port(),
         )
         cluster.wait_for_nodes()
@@ -286,11 +382,16 @@ def run(workdir: Path) -> dict[str, Any]:
             for n in ray.nodes()
             if n["Alive"]
         }
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        result["node_ips"] = ips
         result["cluster_seconds"] = round(time.monotonic() - t0, 1)
+        # For the test's clean-up: the HAProxy Serve starts is named after its node and
+        # outlives a scenario killed on a timeout.
+        (workdir / NODE_IDS).write_text(json.dumps(sorted(result["nodes"])))
         log(f"cluster up: {len(result['nodes'])} nodes")
         result["train"] = train(profile, workdir)
         log(f"trained: rc {result['train']['build_rc']} in {result['train']['seconds']} s")
-        result["serve"] = serve_two_replicas(workdir, profile, cluster.address)
+        result["serve"] = serve_two_replicas(workdir, profile, cluster.address, ips)
         log(f"served: {result['serve']['deploy']}")
     except Exception:
         result["error"] = traceback.format_exc()
