@@ -30,7 +30,6 @@ class Scores:
 
     acc: float
     acc_stderr: float
-    acc_norm: float
     word_perplexity: float
     byte_perplexity: float
     bits_per_byte: float
@@ -39,14 +38,13 @@ class Scores:
     choice_lls: list[list[float]] = field(default_factory=list, repr=False)  # per item
 
     def picks(self) -> list[int]:
-        """The choice each item was answered with (highest log-likelihood)."""
+        """The choice (context) each item was answered with (highest log-likelihood)."""
         return [max(range(len(lls)), key=lls.__getitem__) for lls in self.choice_lls]
 
     def row(self) -> dict[str, float]:
         return {
             "acc": round(self.acc, 4),
             "acc_stderr": round(self.acc_stderr, 4),
-            "acc_norm": round(self.acc_norm, 4),
             "word_perplexity": round(self.word_perplexity, 4),
             "byte_perplexity": round(self.byte_perplexity, 5),
             "bits_per_byte": round(self.bits_per_byte, 5),
@@ -114,7 +112,6 @@ def scores_from(out: dict[str, Any], seconds: float) -> Scores:
     return Scores(
         acc=_metric(mc, "acc"),
         acc_stderr=stderr,
-        acc_norm=_metric(mc, "acc_norm"),
         word_perplexity=_metric(ppl, "word_perplexity"),
         byte_perplexity=_metric(ppl, "byte_perplexity"),
         bits_per_byte=_metric(ppl, "bits_per_byte"),

@@ -3,11 +3,14 @@
 Two tasks, written as YAML + JSON Lines into a work folder that lm-eval reads with
 `TaskManager(include_path=folder)` and `dataset_path: json`:
 
-* `slimserve_next_words` (multiple choice): a context cut from a test document, and
-  `choices` continuations of `answer_words` words each: the words that really follow, and
-  distractors of the same length taken from elsewhere in the split. Every choice starts with
-  one space and has its inner whitespace collapsed, so layout gives nothing away; the score is
-  `acc` (the choice with the highest log-likelihood) and `acc_norm` (per character).
+* `slimserve_next_words` (multiple choice over contexts, as Winogrande is built): the
+  `answer_words` words that follow a place in a test document, and `choices` contexts: the
+  text that really precedes them and distractor contexts ending elsewhere in the split. The
+  model scores the same continuation after each context and picks the context under which it
+  is likeliest (`acc`). Scoring one continuation under several contexts measures the use of
+  context alone: scoring several continuations after one context would mostly reward the
+  continuation that is likely anywhere (frequent words), whatever the model read before.
+  The continuation starts with one space and has its inner whitespace collapsed.
 * `slimserve_perplexity` (loglikelihood_rolling): the test documents cut at word boundaries
   into chunks short enough to fit the model's context in one window, so a server and an
   in-process model score exactly the same token windows. lm-eval reports word and byte
@@ -109,8 +112,9 @@ def _context(text: str, spans, i: int, max_tokens: int, encode: Encode) -> str |
 
 
 def multiple_choice_items(docs: list[str], spec: TaskSpec, encode: Encode) -> list[dict]:
-    """`spec.items` questions: {id, context, choices, label}; the distractors differ from the
-    true answer and from each other."""
+    """`spec.items` questions: {id, contexts, continuation, label}: `contexts[label]` is the
+    text that really precedes `continuation`; the distractor contexts differ from it and from
+    each other."""
     rng = random.Random(spec.seed)
     spans = [_spans(d) for d in docs]
     n = spec.answer_words
@@ -125,20 +129,25 @@ def multiple_choice_items(docs: list[str], spec: TaskSpec, encode: Encode) -> li
         context = _context(docs[d], spans[d], i, spec.context_tokens, encode)
         if context is None:
             continue
-        answer = _answer(docs[d], spans[d], i, n)
         wrong: list[str] = []
-        for _ in range(100 * spec.choices):  # a split of few distinct spans must not hang
+        for _ in range(100 * spec.choices):  # a split of few distinct contexts must not hang
             d2, j = positions[rng.randrange(len(positions))]
-            other = _answer(docs[d2], spans[d2], j, n)
-            if other != answer and other not in wrong:
+            other = _context(docs[d2], spans[d2], j, spec.context_tokens, encode)
+            if other is not None and other != context and other not in wrong:
                 wrong.append(other)
             if len(wrong) == spec.choices - 1:
                 break
         else:
-            raise ValueError(f"too few distinct {n}-word spans for {spec.choices} choices")
+            raise ValueError(f"too few distinct contexts for {spec.choices} choices")
         label = rng.randrange(spec.choices)
-        choices = [*wrong[:label], answer, *wrong[label:]]
-        items.append({"id": len(items), "context": context, "choices": choices, "label": label})
+        items.append(
+            {
+                "id": len(items),
+                "contexts": [*wrong[:label], context, *wrong[label:]],
+                "continuation": _answer(docs[d], spans[d], i, n),
+                "label": label,
+            }
+        )
     return items
 
 
@@ -192,16 +201,13 @@ def write_tasks(folder: Path, docs: list[str], spec: TaskSpec, encode: Encode) -
     mc_data, ppl_data, cache = folder / "next_words.jsonl", folder / "perplexity.jsonl", folder
     _write_jsonl(mc_data, items)
     _write_jsonl(ppl_data, chunks)
-    mc = {
+    mc = {  # doc_to_text giving an int (the gold index) makes lm-eval score each context
         "output_type": "multiple_choice",
-        "doc_to_text": "context",
-        "doc_to_choice": "choices",
-        "doc_to_target": "label",
-        "target_delimiter": "",  # every choice carries its own leading space
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
+        "doc_to_text": "label",
+        "doc_to_choice": "contexts",
+        "doc_to_target": "continuation",
+        "target_delimiter": "",  # the continuation carries its own leading space
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
     ppl = {
         "output_type": "loglikelihood_rolling",

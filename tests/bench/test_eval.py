@@ -84,21 +84,19 @@ def test_task_files_are_deterministic_and_the_seed_changes_them(tmp_path):
         assert str(a.folder) in text  # absolute data_files: lm-eval reads them from anywhere
 
 
-def test_questions_hold_the_true_continuation_among_distinct_distractors():
+def test_questions_hold_the_true_context_among_distinct_distractors():
     corpus = docs()
     items = multiple_choice_items(corpus, SPEC, encode)
     assert len(items) == SPEC.items
     flat = [" ".join(d.split()) for d in corpus]
     for item in items:
-        choices, label = item["choices"], item["label"]
-        assert len(choices) == SPEC.choices and 0 <= label < SPEC.choices
-        assert (
-            len(set(choices)) == SPEC.choices
-        )  # distractors differ from the answer and each other
-        assert all(c.startswith(" ") and len(c.split()) == SPEC.answer_words for c in choices)
-        assert len(encode(item["context"])) <= SPEC.context_tokens
-        context = " ".join(item["context"].split())
-        assert any(context + choices[label] in d for d in flat)  # the words that really follow
+        contexts, label, cont = item["contexts"], item["label"], item["continuation"]
+        assert len(contexts) == SPEC.choices and 0 <= label < SPEC.choices
+        assert len(set(contexts)) == SPEC.choices  # distractors differ from the true one
+        assert cont.startswith(" ") and len(cont.split()) == SPEC.answer_words
+        assert all(0 < len(encode(c)) <= SPEC.context_tokens for c in contexts)
+        true = " ".join(contexts[label].split())
+        assert any(true + cont in d for d in flat)  # the words that really follow
     assert len({i["label"] for i in items}) > 1  # the answer is not always in one place
 
 
@@ -112,10 +110,11 @@ def test_perplexity_chunks_fit_and_cover_the_documents_in_order():
     assert sum(c["n_tokens"] for c in capped) < 100 + 40
 
 
-def test_a_split_without_enough_distinct_answers_is_refused_not_looped():
-    repetitive = ["one two three " * 40]
+def test_a_split_without_enough_distinct_contexts_is_refused_not_looped():
+    repetitive = ["a " * 20] * 3  # every 4-token context is "a a a a"
+    spec = TaskSpec(items=2, choices=4, context_tokens=4, answer_words=3)
     with pytest.raises(ValueError, match="distinct"):
-        multiple_choice_items(repetitive, TaskSpec(items=5, choices=4, answer_words=3), encode)
+        multiple_choice_items(repetitive, spec, encode)
 
 
 def test_spec_refuses_what_cannot_fit_the_context():
@@ -150,7 +149,7 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
 
 
 def scores(acc: float, ppl: float, lls: list[list[float]]) -> Scores:
-    return Scores(acc, 0.01, acc, ppl * 4, ppl / 2, 1.0, ppl, 1.0, lls)
+    return Scores(acc, 0.01, ppl * 4, ppl / 2, 1.0, ppl, 1.0, lls)
 
 
 def test_compare_agrees_only_within_the_tolerance():
@@ -263,8 +262,11 @@ def test_lm_eval_hf_run_matches_a_direct_torch_computation(tmp_path):
         return float(picked.sum())
 
     first = json.loads((files.folder / "next_words.jsonl").read_text().splitlines()[0])
-    ctx = tok.encode(first["context"])
-    want = [loglik(ctx, tok.encode(first["context"] + c)[len(ctx) :]) for c in first["choices"]]
+    cont = first["continuation"]
+    want = []
+    for context in first["contexts"]:
+        ctx = tok.encode(context)
+        want.append(loglik(ctx, tok.encode(context + cont)[len(ctx) :]))
     assert got.choice_lls[0] == pytest.approx(want, abs=1e-3)
     chunks = [json.loads(x) for x in (files.folder / "perplexity.jsonl").read_text().splitlines()]
     total = sum(loglik([tok.eos_token_id], tok.encode(c["text"])) for c in chunks)
