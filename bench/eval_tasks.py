@@ -50,6 +50,11 @@ class TaskSpec:
     ppl_tokens: int = 16384  # perplexity chunks until this many tokens of the split
     seed: int = 0
 
+    @property
+    def answer_tokens(self) -> int:
+        """The most tokens a question's continuation may have (longer ones are skipped)."""
+        return 8 * self.answer_words
+
     def check(self, context_length: int) -> None:
         """Every request must fit the model's context with lm-eval's own margins."""
         problems = []
@@ -60,7 +65,7 @@ class TaskSpec:
         # a window is the prefix token + the chunk; the API model keeps 2 tokens back
         if self.chunk_tokens + 3 > context_length:
             problems.append(f"chunk_tokens + 3 must fit the context ({context_length})")
-        if self.context_tokens + 8 * self.answer_words + 2 > context_length:
+        if self.context_tokens + self.answer_tokens + 2 > context_length:
             problems.append(f"context_tokens + 8 x answer_words + 2 > context ({context_length})")
         if problems:
             raise ValueError("; ".join(problems))
@@ -127,7 +132,10 @@ def multiple_choice_items(docs: list[str], spec: TaskSpec, encode: Encode) -> li
         if len(items) == spec.items:
             break
         context = _context(docs[d], spans[d], i, spec.context_tokens, encode)
-        if context is None:
+        continuation = _answer(docs[d], spans[d], i, n)
+        # 6 "words" of code can be 70 tokens: such a question would not fit the context
+        # and each path would cut it differently
+        if context is None or len(encode(continuation)) > spec.answer_tokens:
             continue
         wrong: list[str] = []
         for _ in range(100 * spec.choices):  # a split of few distinct contexts must not hang
@@ -144,7 +152,7 @@ def multiple_choice_items(docs: list[str], spec: TaskSpec, encode: Encode) -> li
             {
                 "id": len(items),
                 "contexts": [*wrong[:label], context, *wrong[label:]],
-                "continuation": _answer(docs[d], spans[d], i, n),
+                "continuation": continuation,
                 "label": label,
             }
         )

@@ -94,6 +94,7 @@ def test_questions_hold_the_true_context_among_distinct_distractors():
         assert len(contexts) == SPEC.choices and 0 <= label < SPEC.choices
         assert len(set(contexts)) == SPEC.choices  # distractors differ from the true one
         assert cont.startswith(" ") and len(cont.split()) == SPEC.answer_words
+        assert len(encode(cont)) <= SPEC.answer_tokens  # context + continuation fit
         assert all(0 < len(encode(c)) <= SPEC.context_tokens for c in contexts)
         true = " ".join(contexts[label].split())
         assert any(true + cont in d for d in flat)  # the words that really follow
