@@ -171,7 +171,10 @@ def _race_with_peers(plan, peers: Peers, servers, slim: str, folder: Path, name:
     own |= {label: frozenset({label}) for label in llamas}
     alive = {"vllm": vllm_alive(extra)}
     alive |= {label: (lambda pid=extra[label]: running(pid)) for label in llamas}
-    levels = race(servers, plan, run["concurrencies"], PeerMeter(extra), own, alive, run["rounds"])
+    levels = race(
+        servers, plan, run["concurrencies"], PeerMeter(extra), own, alive, run["rounds"],
+        close=frozenset(llamas),
+    )  # fmt: skip
     eos = load_tokenizer(folder).eos_token_id
     greedy: list[dict[str, Any]] = []
     if vllm and not alive["vllm"]():

@@ -56,6 +56,7 @@ def race(
     own: dict[str, frozenset[str]],
     alive: dict[str, Callable[[], bool]] | None = None,
     rounds: int = 1,
+    close: frozenset[str] = frozenset(),
 ) -> Races:
     """label -> (URL, model name): one `run_levels` call per level, round and label, so the
     servers take turns level by level even though they serve the model under different names.
@@ -67,6 +68,8 @@ def race(
     and a whole streamed one would decide the streamed / non-streamed ratio. Servers in
     `plan.once` (the Flask baseline, far behind and slow to measure) run the first round only.
     A server whose `alive` check fails after one of its levels is left out of the rest.
+    Servers in `close` get a new connection per request (llama-server closes a kept-alive
+    connection after each streamed answer, so a reused one fails).
     """
     out: Races = {label: [] for label in servers}
     gone: set[str] = set()
@@ -90,6 +93,7 @@ def race(
                             max_tokens=plan.max_tokens,
                             meter=meter,
                             own=own,
+                            force_close=label in close,
                         )[label]
                     )
                     if label in (alive or {}) and not alive[label]():

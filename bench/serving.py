@@ -217,16 +217,18 @@ async def run_level(
     warmup: int = 1,
     timeout_s: float = 300.0,
     meter: CpuMeter | None = None,
+    force_close: bool = False,
 ) -> LevelResult:
     """`requests` requests from `concurrency` closed-loop clients (after `warmup` per client).
 
     The warm-up round (one request per client, at the same concurrency) opens the connections
-    and lets the server reach its steady state; it is not counted.
+    and lets the server reach its steady state; it is not counted. `force_close`: a new
+    connection per request, for a server that closes a kept-alive connection after a stream.
     """
     if concurrency < 1 or requests < 1 or max_tokens < 1:
         raise ValueError("concurrency, requests and max_tokens must be >= 1")
     url = base_url.rstrip("/") + "/v1/completions"
-    conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    conn = aiohttp.TCPConnector(limit=concurrency, force_close=force_close)
     async with aiohttp.ClientSession(connector=conn) as session:
 
         def body(i: int) -> dict[str, Any]:
@@ -263,6 +265,7 @@ def run_levels(
     timeout_s: float = 300.0,
     meter: CpuMeter | None = None,
     own: dict[str, frozenset[str]] | None = None,
+    force_close: bool = False,
 ) -> dict[str, list[LevelResult]]:
     """Every (concurrency, stream) level against every server (label -> base URL), in turns.
 
@@ -291,6 +294,7 @@ def run_levels(
                         max_tokens=max_tokens,
                         timeout_s=timeout_s,
                         meter=meter,
+                        force_close=force_close,
                     )
                 )
                 claimed = frozenset().union(*(own or {}).values(), {"client"})

@@ -215,11 +215,14 @@ def test_llama_server_matches_hf_greedy(tiny_gguf, tmp_path):
             assert _post(f"{server.url}/tokenize", {"content": prompt})["tokens"] == ids
             body = {"prompt": prompt, "n_predict": 8, "temperature": 0, "return_tokens": True}
             theirs = _post(f"{server.url}/completion", body | {"cache_prompt": False})["tokens"]
+            theirs = _strip(theirs, tok.eos_token_id)
+            assert len(theirs) >= 1
+            # every token llama-server picked is HF's argmax at that step, within float error
+            # (a random tiny model has near-ties that fp32 kernels may break either way)
             with torch.inference_mode():
-                out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                     pad_token_id=tok.eos_token_id)  # fmt: skip
-            ours = out[0, len(ids) :].tolist()
-            assert _strip(theirs, tok.eos_token_id) == _strip(ours, tok.eos_token_id), prompt
+                logits = model(torch.tensor([ids + theirs])).logits[0, len(ids) - 1 : -1]
+            picked = logits.gather(1, torch.tensor(theirs)[:, None])[:, 0]
+            assert torch.all(picked >= logits.max(dim=1).values - 1e-3), prompt
         reply = _post(
             f"{server.url}/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 4}
         )

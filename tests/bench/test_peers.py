@@ -135,15 +135,18 @@ def test_last_error_finds_the_servers_own_error(tmp_path):
 def test_race_leaves_out_a_server_that_died(monkeypatch):
     calls: list[tuple[str, bool, int]] = []
 
-    def fake_levels(servers, *, model, concurrencies, streams, **_):
+    def fake_levels(servers, *, model, concurrencies, streams, force_close, **_):
         (label,) = servers
+        assert force_close is (label == "vllm")
         calls.append((label, streams[0], concurrencies[0]))
         return {label: [LevelResult(concurrencies[0], streams[0], 1.0)]}
 
     monkeypatch.setattr("bench.peers_race.run_levels", fake_levels)
     servers = {"slimserve": ("u", "m"), "vllm": ("v", "m")}
     plan = PeersPlan(requests_per_client=1, min_requests=1, max_tokens=1)
-    levels = race(servers, plan, (1, 4), PeerMeter({}), {}, {"vllm": lambda: False})
+    levels = race(
+        servers, plan, (1, 4), PeerMeter({}), {}, {"vllm": lambda: False}, close=frozenset({"vllm"})
+    )
     assert len(levels["slimserve"]) == 4 and len(levels["vllm"]) == 1
     # each level in turn, and a concurrency's streamed levels right after its non-streamed
     assert calls[:3] == [("slimserve", False, 1), ("vllm", False, 1), ("slimserve", True, 1)]
