@@ -165,8 +165,8 @@ def run_eval(plan: EvalPlan) -> list[Path]:
                   f"clients, p50 {load[name]['e2e_p50_ms']} ms", flush=True)  # fmt: skip
         plan.load("after the load")
     facts = {
-        "tasks": f"{files.mc_items} next-words questions ({plan.spec.choices} choices of "
-        f"{plan.spec.answer_words} words after <= {plan.spec.context_tokens} tokens of context), "
+        "tasks": f"{files.mc_items} next-words questions ({plan.spec.choices} contexts of <= "
+        f"{plan.spec.context_tokens} tokens before the same {plan.spec.answer_words} words), "
         f"{files.ppl_chunks} perplexity chunks of <= {plan.spec.chunk_tokens} tokens "
         f"({files.ppl_tokens} tokens), seed {plan.spec.seed}",
         "load": f"closed loop, {plan.load_clients} clients, "
