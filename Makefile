@@ -87,7 +87,7 @@ RELIABILITY_ARTIFACTS ?=
 RELIABILITY_QUICK ?=
 
 # With RELIABILITY_ARTIFACTS (a folder already built) the build step is skipped.
-reliability: $(if $(RELIABILITY_ARTIFACTS),$(STAMP),artifacts)  ## faults under load, overload, soak (SOAK_S=600), hostile input -> reports/reliability.{json,md} (RELIABILITY_QUICK=1: ~5 min)
+reliability: $(if $(RELIABILITY_ARTIFACTS),$(STAMP),artifacts)  ## faults under load, channel cut, pre-auth flood, overload, soak (SOAK_S=600), hostile input, restart after a crash -> reports/reliability.{json,md} (RELIABILITY_QUICK=1: ~5 min)
 	RELIABILITY_QUICK=$(RELIABILITY_QUICK) $(BIN)/python -m reliability.run --config $(CONFIG) \
 		$(if $(RELIABILITY_ARTIFACTS),--artifacts-dir $(RELIABILITY_ARTIFACTS)) \
 		$(if $(RELIABILITY_QUICK),,--soak-s $(SOAK_S))
