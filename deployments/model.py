@@ -89,7 +89,7 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `user_config`: the engine's (max_batch_size, max_wait_ms,
-        max_queue) and, optionally, streaming's `stream_frames_per_step` and
+        max_queue, decode_burst) and, optionally, streaming's `stream_frames_per_step` and
         `stream_min_interval_ms`.
 
         The engine reads its config at every step, so a new batch size applies at once.

@@ -81,6 +81,9 @@ class VariantSettings(Strict):
     )
     max_batch_size: int = Field(8, ge=1, le=1024, description="rows decoded together")
     max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="idle engine waits for company")
+    decode_burst: int = Field(
+        16, ge=1, le=256, description="decode steps per hand-off to the loop (1 = every step)"
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, le=100_000, description="per replica (None = 2 × max_batch_size)"
     )
@@ -376,6 +379,7 @@ def engine_config(s: VariantSettings) -> dict[str, Any]:
     return {
         "max_batch_size": s.max_batch_size,
         "max_wait_ms": s.max_wait_ms,
+        "decode_burst": s.decode_burst,
         "max_queue": s.ongoing,
         "stream_min_interval_ms": s.stream_min_interval_ms,
     }

@@ -13,7 +13,10 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
    so they join the next decode step (iteration-level batching, as vLLM and TGI do);
 4. one vectorised `sample` picks a token for every row (prefilled rows get their first token);
 5. logprobs, only for the requests that ask (`slimserve.engine_batch`): a request with
-   `max_tokens` 0 is only scored and never joins the batch.
+   `max_tokens` 0 is only scored and never joins the batch;
+6. a step that admits nobody may go on decoding the same rows for up to
+   `EngineConfig.decode_burst` steps before it hands over, until a request waits or a row is
+   cancelled: the loop's share of a step is paid once per burst.
 
 Overlap (`EngineConfig.overlap`, on by default for a GPU runtime only) plans and launches the
 next step before this step's tokens become text; its limits are described there.
@@ -321,6 +324,10 @@ class Engine:
             req.set_prompt_logprobs(entries)
         for req, tok, lp in zip(step.rows, out.tokens, out.per_row(step.rows), strict=True):
             self._on_token(req, tok, now, lp)
+        for tokens in out.more:  # a decode burst's later steps (no logprobs asked in one)
+            for req, tok in zip(step.rows, tokens, strict=True):
+                self._on_token(req, tok, now, None)
+        self._counts["steps"] += len(out.more)
         for req in step.score_only:  # scored, or cancelled while it was
             self._scoring.remove(req)
             self._finish(req, None, "cancelled" if req.cancelled else req.finish_scored())
@@ -333,6 +340,7 @@ class Engine:
                 prefilled=len(step.admitted),
                 removed=step.removed,
                 seconds=now - step.t0,
+                steps=1 + len(out.more),
             )
         )
 
@@ -380,9 +388,26 @@ class Engine:
                 self._batch.drop()
             return None, admitted, removed, 0
         plan = StepPlan.of(None if removed == 0 else keep, self._running, joining, admitted)
+        if not admitted and not ahead and not self._overlap:
+            plan.burst = self._burst_length()
+            if plan.burst > 1:
+                rows = list(self._running)
+                plan.interrupt = lambda: bool(self._waiting) or any(r.cancelled for r in rows)
         for req in admitted:
             self._prompt_tokens += len(req.prompt_ids)
         return plan, admitted, removed, len(kept)
+
+    def _burst_length(self) -> int:
+        """Decode steps the next hand-off may run (`EngineConfig.decode_burst`): 1 when a row
+        needs the loop between steps (a penalty, logprobs), else as many as every row has
+        left before `max_tokens` and the context."""
+        if any(r.extras for r in self._running):
+            return 1
+        left = min(
+            min(r.params.max_tokens, self.context_length - len(r.prompt_ids)) - len(r.token_ids)
+            for r in self._running
+        )
+        return max(1, min(self.config.decode_burst, left))
 
     def _last_by_length(self, req: Request) -> bool:
         """Whether the token the running step gives `req` ends it by `max_tokens` or the

@@ -11,6 +11,7 @@ every other request is unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,6 +39,8 @@ class StepPlan:
     logprob_rows: list[int] = field(default_factory=list)  # rows that report logprobs
     logprob_ks: list[int] = field(default_factory=list)  # their top-k, in the same order
     score: list[tuple[list[int], int]] = field(default_factory=list)  # (prompt, top-k) to score
+    burst: int = 1  # decode steps to run back to back (> 1 only for a plain decode step)
+    interrupt: Callable[[], bool] | None = None  # checked between burst steps: True = hand over
 
     @classmethod
     def of(
@@ -79,6 +82,7 @@ class StepOutput:
     tokens: list[int]  # one per row
     logprobs: list[TokenLogprob] | None  # one per `plan.logprob_rows` entry (None: none asked)
     prompts: list[list[TokenLogprob]]  # one per `plan.score` entry
+    more: list[list[int]] = field(default_factory=list)  # a burst's later steps, one per row each
 
     def per_row(self, rows: list[Request]) -> list[TokenLogprob | None]:
         """Each row's logprob entry (None for rows that did not ask)."""
@@ -156,7 +160,23 @@ class BatchWorker:
             logprobs = None
             if plan.logprob_rows:  # raw: the runtime's logits, before any penalty
                 logprobs = step_logprobs(logits, tokens, plan.logprob_rows, plan.logprob_ks)
-            return StepOutput(tokens.tolist(), logprobs, prompts)
+            return StepOutput(tokens.tolist(), logprobs, prompts, self._burst(plan))
+
+    def _burst(self, plan: StepPlan) -> list[list[int]]:
+        """A decode burst's steps after the first: decode and sample the same rows again
+        until `plan.burst` steps ran or `plan.interrupt` says the loop needs the batch. Only
+        plain steps burst (no penalty, no logprobs: `Engine._plan`), so nothing from the loop
+        is needed between them."""
+        more: list[list[int]] = []
+        state, tokens = self._state, self._last
+        while state is not None and tokens is not None and len(more) + 1 < plan.burst:
+            if plan.interrupt is not None and plan.interrupt():
+                break
+            logits, state = self.runtime.decode(tokens, state)
+            tokens = sample(logits, plan.params, plan.generators)
+            self._state, self._last = state, tokens
+            more.append(tokens.tolist())
+        return more
 
     def _score(self, ids: list[int], k: int) -> list[TokenLogprob]:
         logits = self.runtime.score(torch.tensor([ids], dtype=torch.long))[0]  # (T, V)

@@ -50,6 +50,19 @@ class EngineConfig:
     out (known from the counts), and a row ending on EOS or a stop string decodes one more
     token that is thrown away. With a penalty (repetition, presence, frequency) in the batch
     the next step needs this step's tokens, so the two run in turn."""
+    decode_burst: int = 16
+    """Most decode steps the worker runs back to back before it hands the tokens to the loop
+    (a burst); 1 = every step goes back to the loop.
+
+    Each hand-off costs the loop's planning, a thread switch and the per-step bookkeeping,
+    which for a small model on a CPU is more than the model step itself. A burst is cut short
+    as soon as a request waits for a slot or a row is cancelled, so a newcomer waits at most
+    one step as before, and it never runs a row past `max_tokens` or the context. It applies
+    only to steps that admit no request (a prefill step hands its first tokens over at once),
+    with overlap off, and while no row has a penalty or asks for logprobs (their inputs come
+    from the loop each step). Costs: tokens reach a stream in groups of up to this many, and
+    a row that ends on EOS or a stop string inside a burst decodes the rest of it for
+    nothing (the extra tokens are dropped)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,6 +72,8 @@ class EngineConfig:
             problems.append(("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}"))
         if self.max_queue < 0:
             problems.append(("max_queue", f"must be >= 0, got {self.max_queue}"))
+        if self.decode_burst < 1:
+            problems.append(("decode_burst", f"must be >= 1, got {self.decode_burst}"))
         if problems:
             raise ParameterError(problems)
 
@@ -123,14 +138,16 @@ class RequestMetrics:
 
 @dataclass
 class StepInfo:
-    """What `on_step` receives after every model step."""
+    """What `on_step` receives after every hand-off from the worker: one model step, or a
+    decode burst of `steps` of them."""
 
-    step: int  # 1-based step counter
+    step: int  # 1-based step counter (the last step of a burst)
     batch_size: int  # rows sampled in this step (decoded + prefilled)
     decoded: int
     prefilled: int
     removed: int  # rows that left the batch at the start of the step
     seconds: float  # wall time of the model work in the worker
+    steps: int = 1  # model steps in this hand-off (> 1: a decode burst)
 
 
 @dataclass

@@ -113,6 +113,7 @@ def test_deployment_options_fixed_and_autoscaled():
     assert fixed["user_config"] == {
         "max_batch_size": 8,
         "max_wait_ms": 2.0,
+        "decode_burst": 16,
         "max_queue": 16,
         "stream_min_interval_ms": 20.0,
     }

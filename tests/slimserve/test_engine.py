@@ -64,8 +64,11 @@ def test_greedy_alone_equals_joining_a_running_batch(tiny_runtime, tiny_tokenize
         await alone.stop()
 
         steps: list[StepInfo] = []
-        engine = Engine(
-            tiny_runtime, tiny_tokenizer, EngineConfig(max_wait_ms=0), on_step=steps.append
+        engine = Engine(  # one step per hand-off, so each join lands while the others run
+            tiny_runtime,
+            tiny_tokenizer,
+            EngineConfig(max_wait_ms=0, decode_burst=1),
+            on_step=steps.append,
         )
         two_tokens = [asyncio.Event() for _ in PROMPTS]
         results: list = [None] * len(PROMPTS)
@@ -547,7 +550,8 @@ def test_overlap_wastes_one_row_on_eos_and_none_on_length(tiny_runtime, tiny_tok
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=ignore_eos)
 
         async def body():
-            engine = Engine(rt, tiny_tokenizer, EngineConfig(overlap=overlap))
+            config = EngineConfig(overlap=overlap, decode_burst=1)  # one token per step
+            engine = Engine(rt, tiny_tokenizer, config)
             done = await engine.generate(PROMPTS[0], params)
             await engine.stop()
             return done
