@@ -274,4 +274,26 @@ def test_benchmarks_page_renders(page, dashboard_url, shots):
     reports.or_(page.get_by_text("No results yet: run make bench")).first.wait_for()
     settled(page)
     assert not page.get_by_test_id("stException").count()
+    quality_for_speed(page, shots / "quality.png")
     snapshot(page, shots / "benchmarks.png")
+
+
+def quality_for_speed(page, path: Path) -> None:
+    """The committed `reports/eval.json` drawn at the top of the page: the chart (one point
+    per variant) and its table beside it; `path` gets that part of the page."""
+    heading = page.get_by_role("heading", name="Quality for speed")
+    heading.wait_for()
+    if page.get_by_text("No quality report yet").count():
+        pytest.fail("reports/eval.json is committed, so the quality chart must be drawn")
+    chart = page.get_by_test_id("stVegaLiteChart").first
+    chart.locator("canvas, svg").first.wait_for()
+    table = page.get_by_test_id("stMain").get_by_test_id("stDataFrame").first
+    table.wait_for()
+    settled(page)
+    top, bottom = heading.bounding_box(), chart.bounding_box()
+    assert top is not None and bottom is not None and bottom["height"] > 100
+    y = max(0.0, top["y"] - 16)
+    page.screenshot(
+        path=str(path),
+        clip={"x": 0, "y": y, "width": 1440, "height": bottom["y"] + bottom["height"] + 24 - y},
+    )
