@@ -512,17 +512,23 @@ class CountingEosAt(EosAt):
         return super().decode(tokens, state)
 
 
-def test_overlap_changes_no_output(tiny_runtime, tiny_tokenizer):
-    """Overlapped steps give the same completions as steps in turn, whatever ends each request."""
-    eos, n = tiny_tokenizer.eos_token_id, tiny_runtime.info.context_length
-    jobs = [
+def every_ending(context_length: int) -> list[tuple[str | list[int], SamplingParams]]:
+    """Requests that end every way, run under `CountingEosAt(..., at=40)`: EOS, max_tokens,
+    seeded sampling, a stop string, the context, a single token."""
+    return [
         (PROMPTS[0], SamplingParams(max_tokens=60, temperature=0)),  # ends on EOS
         (PROMPTS[1], greedy(9)),
         (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)),
         (PROMPTS[4], greedy(25, stop=["the"])),
-        ([7] * (n - 6), greedy(6)),  # fills the context
+        ([7] * (context_length - 6), greedy(6)),  # fills the context
         (PROMPTS[9], greedy(1)),
     ]
+
+
+def test_overlap_changes_no_output(tiny_runtime, tiny_tokenizer):
+    """Overlapped steps give the same completions as steps in turn, whatever ends each request."""
+    eos = tiny_tokenizer.eos_token_id
+    jobs = every_ending(tiny_runtime.info.context_length)
 
     def results(overlap: bool):
         rt = CountingEosAt(tiny_runtime, eos, at=40)

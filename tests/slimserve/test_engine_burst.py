@@ -14,7 +14,7 @@ import pytest
 
 from slimserve.engine import Engine, EngineConfig, StepInfo
 from slimserve.sampling import ParameterError, SamplingParams
-from tests.slimserve.test_engine import PROMPTS, CountingEosAt, greedy, run
+from tests.slimserve.test_engine import PROMPTS, CountingEosAt, every_ending, greedy, run
 
 
 class Gated(CountingEosAt):
@@ -54,15 +54,8 @@ def completions(runtime, tokenizer, jobs, burst: int, steps: list[StepInfo] | No
 def test_bursts_change_no_output(tiny_runtime, tiny_tokenizer):
     """Whatever ends each request (EOS, length, a stop string, the context), bursts of 8 and of
     64 give the completions of one step per hand-off, and the steps are counted alike."""
-    eos, n = tiny_tokenizer.eos_token_id, tiny_runtime.info.context_length
-    jobs = [
-        (PROMPTS[0], SamplingParams(max_tokens=60, temperature=0)),  # ends on EOS
-        (PROMPTS[1], greedy(9)),
-        (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)),
-        (PROMPTS[4], greedy(25, stop=["the"])),
-        ([7] * (n - 6), greedy(6)),  # fills the context
-        (PROMPTS[9], greedy(1)),
-    ]
+    eos = tiny_tokenizer.eos_token_id
+    jobs = every_ending(tiny_runtime.info.context_length)
     steps: list[StepInfo] = []
     one, one_stats = completions(CountingEosAt(tiny_runtime, eos, at=40), tiny_tokenizer, jobs, 1)
     eight, _ = completions(CountingEosAt(tiny_runtime, eos, at=40), tiny_tokenizer, jobs, 8, steps)
@@ -73,9 +66,7 @@ def test_bursts_change_no_output(tiny_runtime, tiny_tokenizer):
     assert one_stats.steps > 0
 
 
-def test_a_burst_stops_at_max_tokens_and_wastes_steps_only_after_eos(
-    tiny_runtime, tiny_tokenizer
-):
+def test_a_burst_stops_at_max_tokens_and_wastes_steps_only_after_eos(tiny_runtime, tiny_tokenizer):
     """One request alone: with `max_tokens` 8 the burst decodes exactly the 7 tokens after the
     prefill's; ending on EOS (the 4th token) it may decode on to the end of the burst, but the
     completion is the same as without bursts."""
