@@ -14,9 +14,8 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
 4. one vectorised `sample` picks a token for every row (prefilled rows get their first token);
 5. logprobs, only for the requests that ask (`slimserve.engine_batch`): a request with
    `max_tokens` 0 is only scored and never joins the batch;
-6. a step that admits nobody may go on decoding the same rows for up to
-   `EngineConfig.decode_burst` steps before it hands over, until a request waits or a row is
-   cancelled: the loop's share of a step is paid once per burst.
+6. a step that admits nobody may decode the same rows up to `EngineConfig.decode_burst` times
+   (until a request waits or a row is cancelled): the loop's share is paid once per burst.
 
 Overlap (`EngineConfig.overlap`, on by default for a GPU runtime only) plans and launches the
 next step before this step's tokens become text; its limits are described there.
@@ -129,11 +128,9 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------
 
     def stream(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Validate and queue a request now; iterate the result for its chunks.
-
-        Raises ParameterError (a ValueError naming `.param`) for bad input and QueueFullError
-        when the queue is full, before anything is queued. Must run on the event loop.
-        """
+        """Validate and queue a request now; iterate the result for its chunks. Raises
+        ParameterError (a ValueError naming `.param`) for bad input and QueueFullError when the
+        queue is full, before anything is queued. Must run on the event loop."""
         return RequestStream(self._submit(prompt, params), self._cancel)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
@@ -389,25 +386,12 @@ class Engine:
             return None, admitted, removed, 0
         plan = StepPlan.of(None if removed == 0 else keep, self._running, joining, admitted)
         if not admitted and not ahead and not self._overlap:
-            plan.burst = self._burst_length()
-            if plan.burst > 1:
-                rows = list(self._running)
-                plan.interrupt = lambda: bool(self._waiting) or any(r.cancelled for r in rows)
+            plan.allow_burst(
+                self._running, self.config.decode_burst, self.context_length, self._waiting
+            )
         for req in admitted:
             self._prompt_tokens += len(req.prompt_ids)
         return plan, admitted, removed, len(kept)
-
-    def _burst_length(self) -> int:
-        """Decode steps the next hand-off may run (`EngineConfig.decode_burst`): 1 when a row
-        needs the loop between steps (a penalty, logprobs), else as many as every row has
-        left before `max_tokens` and the context."""
-        if any(r.extras for r in self._running):
-            return 1
-        left = min(
-            min(r.params.max_tokens, self.context_length - len(r.prompt_ids)) - len(r.token_ids)
-            for r in self._running
-        )
-        return max(1, min(self.config.decode_burst, left))
 
     def _last_by_length(self, req: Request) -> bool:
         """Whether the token the running step gives `req` ends it by `max_tokens` or the
@@ -459,17 +443,8 @@ class Engine:
         self._batch.drop()
 
 
-__all__ = [
-    "Engine",
-    "RequestStream",
-    "QueueFullError",
-    "EngineClosedError",
-    "EngineError",
-    "EngineConfig",
-    "StreamChunk",
-    "Timings",
-    "Completion",
-    "RequestMetrics",
-    "StepInfo",
-    "EngineStats",
-]
+__all__ = [  # noqa: RUF022 (the engine first, then what it raises and returns)
+    "Engine", "RequestStream", "QueueFullError", "EngineClosedError", "EngineError",
+    "EngineConfig", "StreamChunk", "Timings", "Completion", "RequestMetrics", "StepInfo",
+    "EngineStats"
+]  # fmt: skip

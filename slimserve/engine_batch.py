@@ -11,7 +11,7 @@ every other request is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +41,24 @@ class StepPlan:
     score: list[tuple[list[int], int]] = field(default_factory=list)  # (prompt, top-k) to score
     burst: int = 1  # decode steps to run back to back (> 1 only for a plain decode step)
     interrupt: Callable[[], bool] | None = None  # checked between burst steps: True = hand over
+
+    def allow_burst(
+        self, rows: list[Request], limit: int, context_length: int, waiting: Sized
+    ) -> None:
+        """Let this plain decode step run up to `limit` steps (`EngineConfig.decode_burst`):
+        as many as every row has left before `max_tokens` and the context, none while a row
+        needs the loop between steps (a penalty, logprobs); the worker hands the batch back
+        early once `waiting` holds a request or a row is cancelled."""
+        if any(r.extras for r in rows):
+            return
+        left = min(
+            min(r.params.max_tokens, context_length - len(r.prompt_ids)) - len(r.token_ids)
+            for r in rows
+        )
+        self.burst = max(1, min(limit, left))
+        if self.burst > 1:
+            rows = list(rows)
+            self.interrupt = lambda: bool(waiting) or any(r.cancelled for r in rows)
 
     @classmethod
     def of(
