@@ -29,13 +29,12 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peer_vllm import PeerError, PeerServer, Runner
-from bench.server_process import server_process, stop_group
+from bench.server_process import answers, server_process, stop_group
 from slimserve.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,14 +245,6 @@ def server_command(
     ]  # fmt: skip
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _tail(log: Path | None) -> str:
     if log is None or not log.is_file():
         return "no log"
@@ -281,7 +272,7 @@ def start_llama_server(
     url = f"http://127.0.0.1:{port}"
     with server_process(
         cmd,
-        ready=lambda: _ready(url),
+        ready=lambda: answers(f"{url}/health"),
         exited=lambda rc: PeerError(f"llama-server exited with {rc}: {_tail(log)}"),
         timed_out=lambda: PeerError(f"llama-server not ready after {timeout_s:.0f}s"),
         stop=stop_group,

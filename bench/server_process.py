@@ -12,9 +12,19 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def answers(url: str) -> bool:
+    """Whether GET `url` returns 200 within 2 s (a readiness probe for `server_process`)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
