@@ -202,15 +202,18 @@ def wait_running(deadline: float) -> dict[str, Any]:
     return {"status": getattr(status, "status", None), "message": "timed out"}
 
 
-def complete(port: int, i: int) -> dict[str, Any]:
-    body = json.dumps(
-        {"model": VARIANT, "prompt": f"The for statement {i}", "max_tokens": 8, "temperature": 0}
-    ).encode()
-    req = urllib.request.Request(
+def completion_request(port: int, prompt: str, **fields: Any) -> urllib.request.Request:
+    """POST /v1/completions: 8 greedy tokens of `prompt` from VARIANT, plus `fields`."""
+    body = {"model": VARIANT, "prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
+    return urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions",
-        data=body,
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
+
+
+def complete(port: int, i: int) -> dict[str, Any]:
+    req = completion_request(port, f"The for statement {i}")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             payload = json.loads(resp.read())
@@ -228,20 +231,7 @@ def complete(port: int, i: int) -> dict[str, Any]:
 
 def stream(port: int, i: int) -> dict[str, Any]:
     """One streamed completion: its status, its SSE data lines' texts, errors and [DONE]."""
-    body = json.dumps(
-        {
-            "model": VARIANT,
-            "prompt": f"The while statement {i}",
-            "max_tokens": 8,
-            "temperature": 0,
-            "stream": True,
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
+    req = completion_request(port, f"The while statement {i}", stream=True)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             lines = [
