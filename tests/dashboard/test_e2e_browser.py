@@ -183,13 +183,15 @@ def settled(page) -> None:
     )
 
 
-def snapshot(page, path: Path) -> None:
+def snapshot(page, path: Path, max_height: int | None = None) -> None:
     """Screenshot of the whole page: Streamlit scrolls an inner container, not the document,
-    so `full_page` alone would cut it at the viewport; grow the viewport to the content."""
+    so `full_page` alone would cut it at the viewport; grow the viewport to the content, up to
+    `max_height` pixels (the top of a page too long to show whole)."""
     height = page.evaluate(
         "document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight"
     )
-    page.set_viewport_size({"width": 1440, "height": max(960, int(height) + 80)})
+    height = max(960, int(height) + 80)
+    page.set_viewport_size({"width": 1440, "height": min(height, max_height or height)})
     settled(page)
     page.screenshot(path=str(path))
 
@@ -275,7 +277,7 @@ def test_benchmarks_page_renders(page, dashboard_url, shots):
     settled(page)
     assert not page.get_by_test_id("stException").count()
     quality_for_speed(page, shots / "quality.png")
-    snapshot(page, shots / "benchmarks.png")
+    snapshot(page, shots / "benchmarks.png", max_height=2400)  # every report: 10,000 px
 
 
 def quality_for_speed(page, path: Path) -> None:
