@@ -20,6 +20,7 @@ first P + 1 columns and takes uninitialised memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class Arena:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int
+    views: Any = None  # a runtime's own views of these buffers, made on first use (onnx_rt)
 
     @property
     def capacity(self) -> int:

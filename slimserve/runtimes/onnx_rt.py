@@ -51,6 +51,7 @@ replica loads only onnxruntime, torch tensors and `tokenizers`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from slimserve.runtimes.arena import ArenaKVState, Arenas
+from slimserve.runtimes.arena import Arena, ArenaKVState, Arenas
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
@@ -112,6 +113,37 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
     return meta
 
 
+@dataclass
+class _HostArena:
+    """numpy views of the arena the append graph decodes into, and the mask it is fed.
+
+    `buffers`: layer 0's key and value (B, H, C, D), then layer 1's, ... (the graph's input and
+    output order). `fed` (B, C + 1) int64: the newest state's mask in columns [0, length),
+    zeros (masked) up to C, and 1 at column C for the new token, which the graph places after
+    the buffer. An arena only grows at column `length`, so setting that column of `fed` when
+    it is written keeps `fed` exact without rebuilding it; `mask` is `fed` as a torch tensor.
+    """
+
+    buffers: list[np.ndarray]
+    fed: np.ndarray
+    mask: torch.Tensor
+
+    @staticmethod
+    def of(arena: Arena, mask: torch.Tensor) -> _HostArena:
+        """`arena`'s views, built on its first decode (its newest state has the (B, P) `mask`)
+        and kept on the arena (`Arena.views`), so they live exactly as long as it does."""
+        if isinstance(arena.views, _HostArena):
+            return arena.views
+        batch, past = mask.shape
+        fed = torch.zeros((batch, arena.capacity + 1), dtype=torch.int64)
+        fed[:, :past] = mask
+        fed[:, arena.capacity] = 1
+        pairs = zip(arena.keys, arena.values, strict=True)
+        buffers = [t.numpy() for pair in pairs for t in pair]
+        arena.views = _HostArena(buffers, fed.numpy(), fed)
+        return arena.views
+
+
 class OnnxRuntime:
     """An ORT session behind the `Runtime` protocol (see base.py for shapes)."""
 
@@ -138,6 +170,7 @@ class OnnxRuntime:
         # Fed on the CPU `run` path only; with I/O binding every position's logits come back.
         self.keeps_logits = LOGITS_TO_KEEP in overridable and not self.io_binding
         self._keep_last = {LOGITS_TO_KEEP: np.array([1], dtype=np.int64)}
+        self._past_names = self.input_names[3:]  # past_key_values.{i}.key / .value, in order
         missing = set(self.input_names) - {i.name for i in session.get_inputs()}
         if missing:
             raise ValueError(f"ONNX graph lacks the KV-cache inputs {sorted(missing)}")
@@ -222,43 +255,54 @@ class OnnxRuntime:
         state = KVState(list(out[1::2]), list(out[2::2]), mask, mask.sum(dim=1))
         return out[0][:, -1], state  # left padding: every row's last real token is column -1
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
+        if not torch.is_inference_mode_enabled():
+            # Entered here only when the caller has not: the engine's worker already runs in
+            # inference mode, and entering it costs about 15 us, once per token.
+            with torch.inference_mode():
+                return self.decode(tokens, state)
         if state.past_length + 1 > self.info.context_length:
             raise ValueError(
                 f"decode past the context length {self.info.context_length} "
                 f"(past {state.past_length})"
             )
         batch = state.batch_size
-        ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
-        mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
         ids = tokens.to(self.device, torch.long).view(batch, 1)
         if self.append:
-            return self._decode_append(ids, mask, state)
+            return self._decode_append(ids, state)
+        ones = torch.ones((batch, 1), dtype=state.mask.dtype, device=state.mask.device)
+        mask = torch.cat([state.mask, ones], dim=1)  # (B, P + 1)
         out = self._forward(ids, mask, state.positions.view(batch, 1), state.keys, state.values)
         new_state = KVState(list(out[1::2]), list(out[2::2]), mask, state.positions + 1)
         return out[0][:, -1], new_state
 
-    def _decode_append(
-        self, ids: torch.Tensor, mask: torch.Tensor, state: KVState
-    ) -> tuple[torch.Tensor, ArenaKVState]:
+    def _decode_append(self, ids: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
         """Decode on the append graph: the arena's whole buffers go in, the new column is
-        written at index P. `mask` (B, P + 1) is the grown state's."""
-        batch, past = state.batch_size, state.past_length
+        written at index P.
+
+        This runs once per token, so it stays in numpy (a torch op costs a few microseconds
+        more each, and there were about twenty): the arena's buffers and its fed mask are
+        numpy views (`_HostArena`), built once per arena."""
+        past = state.past_length
         arena = self._arenas.writable(state)
-        capacity = arena.capacity
-        fed = torch.zeros((batch, capacity + 1), dtype=mask.dtype)  # columns past P: masked
-        fed[:, :past] = state.mask
-        fed[:, capacity] = 1  # the new token, which the graph puts after the buffer
-        positions = state.positions.view(batch, 1)
-        out = self._forward(ids, fed, positions, arena.keys, arena.values)
-        for buf, new in zip([*arena.keys, *arena.values], [*out[1::2], *out[2::2]], strict=True):
+        host = _HostArena.of(arena, state.mask)
+        feeds = dict(zip(self._past_names, host.buffers, strict=True))
+        feeds["input_ids"] = ids.numpy()
+        feeds["attention_mask"] = host.fed
+        feeds["position_ids"] = state.positions.view(-1, 1).numpy()
+        if self.keeps_logits:
+            feeds.update(self._keep_last)
+        out = self.session.run(self.output_names, feeds)
+        for buf, new in zip(host.buffers, out[1:], strict=True):
             buf[:, :, past] = new[:, :, 0]
+        host.fed[:, past] = 1  # the written column is real from now on
         arena.length = past + 1
+        # The grown mask is a view of `fed`: later steps write only columns past it.
+        mask = host.mask[:, : past + 1]
         keys = [k[:, :, : past + 1] for k in arena.keys]
         values = [v[:, :, : past + 1] for v in arena.values]
         new_state = ArenaKVState(keys, values, mask, state.positions + 1, arena)
-        return out[0][:, -1], new_state
+        return torch.from_numpy(out[0][:, -1]), new_state
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -259,6 +259,21 @@ def test_append_decode_from_an_older_state_stays_correct(append_rt):
     assert close(newer.keys[0], other.keys[0]) == 0.0
 
 
+def test_append_decode_leaves_earlier_masks_alone(append_rt):
+    """A decoded state's mask is a view of the mask the runtime feeds the graph: the steps after
+    it write only columns past it, so every earlier state keeps its own (padding included)."""
+    _, s = append_rt.prefill([[1, 2, 3], [4, 5, 6, 7]])  # row 0 left-padded by one column
+    states, masks = [], []
+    for step in range(GROW_MIN + 3):  # through a regrown arena
+        _, s = append_rt.decode(torch.tensor([8 + step, 9 + step]), s)
+        states.append(s)
+        masks.append(s.mask.clone())
+    for state, mask in zip(states, masks, strict=True):
+        assert torch.equal(state.mask, mask)
+        assert mask.shape == (2, state.past_length) and mask.dtype == torch.int64
+        assert mask[0, 0] == 0 and mask[0, 1:].all() and mask[1].all()
+
+
 def test_a_runtime_opens_one_graph_of_a_shared_folder(shared_dir, monkeypatch):
     """Each ONNX Runtime session keeps its own prepacked copy of the weights, so a replica that
     opened both graphs would hold them twice: `load` opens the one graph it serves."""
