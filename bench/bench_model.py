@@ -15,9 +15,17 @@ Layout, a profile of its own beside the tiny one (`artifacts/bench/`):
     artifacts/bench/gpt2-124m.yaml            the catalogue: the two variants below
     artifacts/bench/gpt2-124m/gpt2-124m/      torch (save_pretrained + tokenizer + manifest)
     artifacts/bench/gpt2-124m/gpt2-124m-onnx/ the project's export-onnx step on it
+    artifacts/bench/gpt2-124m/gpt2-124m-int8/ that graph with int8 weights (quantize-int8's
+                                              quantizer, without its quality gate: see below)
     artifacts/bench/serve_config.yaml         serve_config.yaml pointed at this profile
 
 Each variant is rebuilt only when its manifest is missing.
+
+The int8 variant is quantized the way the pipeline's quantize-int8 step quantizes
+(`build_engines.quantize.quantize_file`, the tiny profile's `student-onnx-int8` settings), but
+its perplexity and greedy-agreement gate is skipped: on random weights and a made-up tokenizer
+neither means anything. The quality of int8 is measured on the tiny profile's trained student
+instead (`student-onnx-int8`'s manifest, `quality_vs_fp32`); here int8 is only timed.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import yaml
 PROFILE_NAME = "gpt2-124m"
 TORCH_VARIANT = "gpt2-124m"
 ONNX_VARIANT = "gpt2-124m-onnx"
+INT8_VARIANT = "gpt2-124m-int8"
+INT8_PARAMS = {"per_channel": True}  # as the tiny profile's student-onnx-int8
 VOCAB = 50_257
 MERGES = VOCAB - 256 - 1
 PROFILE: dict[str, Any] = {
@@ -51,6 +61,12 @@ PROFILE: dict[str, Any] = {
             "step": "export-onnx",
             "from": TORCH_VARIANT,
             "description": "gpt2-124m through export-onnx (ONNX Runtime)",
+        },
+        INT8_VARIANT: {
+            "step": "quantize-int8",
+            "from": ONNX_VARIANT,
+            "description": "gpt2-124m-onnx with int8 MatMul and embedding weights (ORT dynamic)",
+            "params": INT8_PARAMS,
         },
     },
 }
@@ -143,6 +159,37 @@ def build_onnx(store, profile, optimize: bool = False, log=print) -> Path:
     return store.path(ONNX_VARIANT)
 
 
+def build_int8(store, profile, log=print) -> Path:
+    """The ONNX variant's graph with int8 weights (no quality gate: module docstring)."""
+    import shutil
+
+    from build_engines.onnx_export import MODEL_FILE, initializer_stats, write_sidecar
+    from build_engines.quantize import quantize_file
+    from slimserve.steps import QuantizeInt8Params
+    from slimserve.tokenizer import copy_tokenizer_files
+
+    t0 = time.monotonic()
+    src = store.path(ONNX_VARIANT)
+    with store.writer(INT8_VARIANT) as tmp:
+        shutil.copyfile(src / "config.json", tmp / "config.json")
+        copy_tokenizer_files(src, tmp)
+        details = quantize_file(
+            src / MODEL_FILE, tmp / MODEL_FILE, QuantizeInt8Params(**INT8_PARAMS)
+        )
+        write_sidecar(tmp, {"model": MODEL_FILE, "precision": "int8", "graph": "standard"})
+        stats = initializer_stats(tmp / MODEL_FILE)
+        seconds = round(time.monotonic() - t0, 1)
+        details["quality_gate"] = (
+            "skipped: random weights (quality is measured on the tiny profile)"
+        )
+        _manifest(
+            tmp, profile, INT8_VARIANT, "onnxruntime", params_total=stats["params_total"],
+            params_nonzero=stats["params_nonzero"], build_seconds=seconds, details=details,
+        )  # fmt: skip
+    log(f"built {INT8_VARIANT} in {seconds}s")
+    return store.path(INT8_VARIANT)
+
+
 def serve_config_for(base: str | Path, profile_path: Path, root: Path, out: Path) -> Path:
     """`base` (serve_config.yaml) pointed at the bench profile; both variants get the settings
     the base gives its student (batch size, queue limits), so the race is run as tuned, and
@@ -158,7 +205,7 @@ def serve_config_for(base: str | Path, profile_path: Path, root: Path, out: Path
     student["threads"] = os.cpu_count() or 1
     args["config"] = str(profile_path.resolve())
     args["artifacts_dir"] = str(root.resolve())
-    args["variants"] = {TORCH_VARIANT: dict(student), ONNX_VARIANT: dict(student)}
+    args["variants"] = {v: dict(student) for v in (TORCH_VARIANT, ONNX_VARIANT, INT8_VARIANT)}
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -185,4 +232,7 @@ def ensure_bench_model(
         if store.manifest(ONNX_VARIANT) is None:
             build_onnx(store, profile, log=log)
         out[ONNX_VARIANT] = store.path(ONNX_VARIANT)
+        if store.manifest(INT8_VARIANT) is None:
+            build_int8(store, profile, log=log)
+        out[INT8_VARIANT] = store.path(INT8_VARIANT)
     return out

@@ -11,8 +11,9 @@ generator, in one run; CTranslate2 as the in-process floor.
    (`bench.serving.run_levels`, the race's own settings), streamed and not;
 3. greedy output of slimserve (`/compare`, token ids), vLLM and llama-server on the same
    prompts, compared token for token (`bench/peer_greedy.py`);
-4. the GPT-2-124M-shaped bench model (`bench/bench_model.py`): slimserve torch and ONNX
-   against vLLM and llama-server (float32, and `q8_0`: its int8 weights) at 1 and 16 clients;
+4. the GPT-2-124M-shaped bench model (`bench/bench_model.py`): slimserve torch, ONNX and ONNX
+   int8 against vLLM and llama-server (float32, and `q8_0`: its int8 weights) at 1 and 16
+   clients;
 5. with no server up, CTranslate2 and slimserve's engine in process on both models
    (`bench/peer_ct2.py`): one request at a time, and 16 prompts in one batch.
 
@@ -27,14 +28,14 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import peer_ct2, peer_llamacpp
 from bench.peer_greedy import compare_greedy, llama_ids, vllm_ids
 from bench.peer_vllm import PeerError, install, last_error, start_vllm
-from bench.peers_race import PeerMeter, Races, race, running
+from bench.peers_race import PeerMeter, Races, memory_rows, race, running
 from bench.run_all import BenchPlan, _serve_threads, start_serve
 from slimserve.net import free_port
 from slimserve.tokenizer import load_tokenizer
@@ -137,11 +138,13 @@ def mark_dead(peer: dict[str, Any], name: str) -> None:
 
 @dataclass
 class Peers:
-    """Each peer's report row (status, version, how each run went), and llama-server's build."""
+    """Each peer's report row (status, version, how each run went), llama-server's build, and
+    every server's memory, read at the end of each race (`memory_rows`)."""
 
     vllm: dict[str, Any]
     llama: dict[str, Any]
     llama_build: peer_llamacpp.LlamaBuild | None = None
+    memory: list[dict[str, Any]] = field(default_factory=list)
 
 
 LLAMA_LABELS = {"f32": "llama-server", "q8_0": "llama-server-q8"}
@@ -171,10 +174,12 @@ def _race_with_peers(plan, peers: Peers, servers, slim: str, folder: Path, name:
     own |= {label: frozenset({label}) for label in llamas}
     alive = {"vllm": vllm_alive(extra)}
     alive |= {label: (lambda pid=extra[label]: running(pid)) for label in llamas}
+    meter = PeerMeter(extra)
     levels = race(
-        servers, plan, run["concurrencies"], PeerMeter(extra), own, alive, run["rounds"],
+        servers, plan, run["concurrencies"], meter, own, alive, run["rounds"],
         close=frozenset(llamas),
     )  # fmt: skip
+    peers.memory += memory_rows(meter, name, run["folders"])
     eos = load_tokenizer(folder).eos_token_id
     greedy: list[dict[str, Any]] = []
     if vllm and not alive["vllm"]():
@@ -231,6 +236,7 @@ def run_tiny(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]]
         levels, greedy = _race_with_peers(
             plan, peers, servers, slim, folder, plan.variant, extra=extra, outtypes=("f32",),
             concurrencies=plan.concurrencies, rounds=plan.rounds,
+            folders={v: store.path(v) for v in need},
         )  # fmt: skip
         plan.load("student: after the race")
     onnx_dir = store.path(onnx) if with_onnx else None
@@ -238,9 +244,15 @@ def run_tiny(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]]
 
 
 def run_big(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]], list[dict]]:
-    """The 124M-shaped model: slimserve torch and ONNX against vLLM and llama-server (float32
-    and q8_0), the model built first if missing; then the in-process floor."""
-    from bench.bench_model import ONNX_VARIANT, TORCH_VARIANT, ensure_bench_model, serve_config_for
+    """The 124M-shaped model: slimserve torch, ONNX and int8 against vLLM and llama-server
+    (float32 and q8_0), the model built first if missing; then the in-process floor."""
+    from bench.bench_model import (
+        INT8_VARIANT,
+        ONNX_VARIANT,
+        TORCH_VARIANT,
+        ensure_bench_model,
+        serve_config_for,
+    )
 
     built = ensure_bench_model(plan.big_root)
     root = Path(plan.big_root)
@@ -250,9 +262,15 @@ def run_big(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]],
     outtypes = ("f32", "q8_0")
     with contextlib.ExitStack() as stack:
         slim = stack.enter_context(
-            start_serve(serve_config, need=(TORCH_VARIANT, ONNX_VARIANT), timeout_s=1800)
+            start_serve(
+                serve_config, need=(TORCH_VARIANT, ONNX_VARIANT, INT8_VARIANT), timeout_s=1800
+            )
         )
-        servers = {"slimserve": (slim, TORCH_VARIANT), "slimserve-onnx": (slim, ONNX_VARIANT)}
+        servers = {
+            "slimserve": (slim, TORCH_VARIANT),
+            "slimserve-onnx": (slim, ONNX_VARIANT),
+            "slimserve-int8": (slim, INT8_VARIANT),
+        }
         vllm = _start_peer(stack, plan, peers.vllm, folder, TORCH_VARIANT, extra)
         if vllm:
             servers["vllm"] = (vllm, TORCH_VARIANT)
@@ -263,6 +281,7 @@ def run_big(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]],
         levels, greedy = _race_with_peers(
             plan, peers, servers, slim, folder, TORCH_VARIANT, extra=extra, outtypes=outtypes,
             concurrencies=plan.big_concurrencies, rounds=plan.big_rounds,
+            folders={v: built[v] for v in (TORCH_VARIANT, ONNX_VARIANT, INT8_VARIANT)},
         )  # fmt: skip
         plan.load("124M: after the race")
     return levels, greedy, _floor(plan, folder, built[ONNX_VARIANT], 1)
@@ -275,6 +294,20 @@ def _floor(plan: PeersPlan, folder: Path, onnx_dir: Path | None, repeats: int) -
                           batch=plan.floor_batch, repeats=repeats)  # fmt: skip
     plan.load(f"{folder.name}: after the in-process floor")
     return rows
+
+
+def int8_ppl_ratio(plan: PeersPlan) -> float | None:
+    """The tiny profile's int8 student's perplexity over its float32 parent's, as its
+    quantize-int8 step measured it (None when that variant is not built)."""
+    from slimserve.artifacts import ArtifactStore
+    from slimserve.catalogue import load_profile
+
+    profile = load_profile(plan.config)
+    root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
+    variant = plan.resolve_variant(profile)
+    manifest = ArtifactStore(root, profile.name).manifest(f"{variant}-onnx-int8")
+    quality = (manifest.details or {}).get("quality_vs_fp32", {}) if manifest else {}
+    return quality.get("perplexity_ratio")
 
 
 def _rows(levels: Races) -> dict[str, list[dict[str, Any]]]:
@@ -312,7 +345,8 @@ def run_peers(plan: PeersPlan) -> list[Path]:
     }
     report = peers_report(
         _rows(tiny), _rows(big), peer=peers.vllm, greedy=greedy, settings=settings,
-        command=plan.command, llama=peers.llama, floor=floor_rows,
+        command=plan.command, llama=peers.llama, floor=floor_rows, memory=peers.memory,
+        int8_ppl_ratio=int8_ppl_ratio(plan),
     )  # fmt: skip
     threads = (
         f"slimserve {_serve_threads(plan)}; baseline {plan.baseline_threads}; vLLM all; "

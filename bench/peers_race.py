@@ -7,7 +7,8 @@ can be tested with a fake load generator.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from bench.serving import CpuMeter, LevelResult, median_level, run_levels
 
@@ -46,6 +47,26 @@ class PeerMeter(CpuMeter):
             except psutil.NoSuchProcess:
                 continue
         return super().snapshot()
+
+    def memory(self) -> dict[str, dict[str, float]]:
+        self.extra = {k: pid for k, pid in self.extra.items() if running(pid)}
+        return super().memory()
+
+
+def memory_rows(meter: PeerMeter, model: str, folders: dict[str, Path]) -> list[dict[str, Any]]:
+    """Each process role's resident memory after `model`'s race, servers still up; a slimserve
+    replica (its role is its variant's name) beside its artifact folder's bytes on disk."""
+    from slimserve.artifacts import folder_bytes
+
+    rows = []
+    for role, mem in sorted(meter.memory().items()):
+        if role == "client":
+            continue
+        row: dict[str, Any] = {"model": model, "process": role, **mem}
+        if role in folders:
+            row["folder_mib"] = round(folder_bytes(folders[role]) / 2**20, 1)
+        rows.append(row)
+    return rows
 
 
 def race(

@@ -3,9 +3,9 @@ the targets, and the in-process floor (CTranslate2 beside slimserve's engine).
 
 Kept apart from `peers.py` (which runs servers) so the arithmetic can be tested on plain rows.
 A race is {server label -> level rows} (`LevelResult.row()`); labels are "slimserve" (the
-torch variant), "slimserve-onnx", "vllm", "llama-server" (float32 GGUF), "llama-server-q8"
-(q8_0 GGUF) and "baseline", and a server that did not run simply has no rows: its columns are
-empty and the targets that need it say "not measured".
+torch variant), "slimserve-onnx", "slimserve-int8" (124M only), "vllm", "llama-server" (float32
+GGUF), "llama-server-q8" (q8_0 GGUF) and "baseline", and a server that did not run simply has
+no rows: its columns are empty and the targets that need it say "not measured".
 Ratios are a / b: above 1 is better for throughput, below 1 is better for latency.
 """
 
@@ -17,7 +17,16 @@ from bench.race import LEVEL_COLUMNS, find_level, ratio
 from slimserve.reports import Chart, Report, Table, new_report
 
 Rows = dict[str, list[dict[str, Any]]]
-SERVERS = ("slimserve", "slimserve-onnx", "vllm", "llama-server", "llama-server-q8", "baseline")
+SERVERS = (
+    "slimserve",
+    "slimserve-onnx",
+    "slimserve-int8",
+    "vllm",
+    "llama-server",
+    "llama-server-q8",
+    "baseline",
+)
+FP32 = ("slimserve", "slimserve-onnx")  # the float32 variants, raced against llama-server f32
 FLOOR_COLUMNS = ("model", "engine", "one_ms_per_token", "batch", "batch_tok_s")
 
 
@@ -70,15 +79,104 @@ def _target(what: str, got: float | None, bound: float, kind: str) -> dict[str, 
     return row
 
 
-def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
-    """The goals slimserve is raced against, each with its measured ratio (or not measured)."""
+def _floor_value(floor: list[dict[str, Any]], model: str, engine: str, column: str):
+    """`column` of the floor row for `model` whose engine name starts with `engine`."""
+    row = next(
+        (r for r in floor if r.get("model") == model and str(r.get("engine")).startswith(engine)),
+        {},
+    )
+    return row.get(column)
+
+
+def _fastest_e2e(race: Rows, labels: tuple[str, ...]) -> float | None:
+    found = [_get(race, lb, False, 1, "e2e_p50_ms") for lb in labels]
+    found = [f for f in found if f is not None]
+    return min(found) if found else None
+
+
+def llama_targets(
+    tiny: Rows,
+    big: Rows,
+    floor: list[dict[str, Any]] | None = None,
+    int8_ppl_ratio: float | None = None,
+) -> list[dict[str, Any]]:
+    """The goals against llama.cpp's llama-server and CTranslate2 (same weights), and the served
+    path against the engine alone. On the 124M model the 1-client figures are tokens/s, whose
+    inverse is ms per token (robust to a server that stops early)."""
+    floor = floor or []
+    t = 16
+
+    def tok(race: Rows, label: str, stream: bool, conc: int = t) -> float | None:
+        return _get(race, label, stream, conc, "out_tok_s")
+
+    onnx_engine = _floor_value(floor, "student-onnx", "slimserve engine", "batch_tok_s")
+    engines = [
+        _floor_value(floor, m, "slimserve engine", "one_ms_per_token")
+        for m in ("student", "student-onnx")
+    ]
+    engines = [e for e in engines if e is not None]
+    ct2 = _floor_value(floor, "student", "CTranslate2", "one_ms_per_token")
+    return [
+        _target(
+            "student, 16 clients: fastest slimserve variant vs llama-server, non-streamed",
+            ratio(_best(tiny, FP32, False, t), tok(tiny, "llama-server", False)), 1.0, "min",
+        ),
+        _target(
+            "student, 16 clients: fastest slimserve variant vs llama-server, streamed",
+            ratio(_best(tiny, FP32, True, t), tok(tiny, "llama-server", True)), 1.0, "min",
+        ),
+        _target(
+            "student, 1 client: fastest slimserve variant's e2e p50 vs llama-server's",
+            ratio(_fastest_e2e(tiny, FP32), _get(tiny, "llama-server", False, 1, "e2e_p50_ms")),
+            1.25, "max",
+        ),
+        _target(
+            "student-onnx, 16 clients: served tok/s vs its engine alone (16 prompts, one batch)",
+            ratio(tok(tiny, "slimserve-onnx", False), onnx_engine), 0.7, "min",
+        ),
+        _target(
+            "student, engine alone: fastest variant's ms/token vs CTranslate2 float32's",
+            ratio(min(engines) if engines else None, ct2), 2.0, "max",
+        ),
+        _target(
+            "124M-shaped, 16 clients: best float32 slimserve variant vs llama-server, non-streamed",
+            ratio(_best(big, FP32, False, t), tok(big, "llama-server", False)), 1.0, "min",
+        ),
+        _target(
+            "124M-shaped, 16 clients: best float32 slimserve variant vs llama-server, streamed",
+            ratio(_best(big, FP32, True, t), tok(big, "llama-server", True)), 1.0, "min",
+        ),
+        _target(
+            "124M-shaped, 1 client: best float32 slimserve variant's ms/token vs llama-server's",
+            ratio(tok(big, "llama-server", False, 1), _best(big, FP32, False, 1)), 1.1, "max",
+        ),
+        _target(
+            "124M-shaped, 1 client: int8 decode speed vs float32 ONNX (tokens/s)",
+            ratio(tok(big, "slimserve-int8", False, 1), tok(big, "slimserve-onnx", False, 1)),
+            1.5, "min",
+        ),
+        _target(
+            "int8 perplexity vs float32 (tiny profile: student-onnx-int8 / student-onnx)",
+            int8_ppl_ratio, 1.05, "max",
+        ),
+    ]  # fmt: skip
+
+
+def targets(
+    tiny: Rows,
+    big: Rows,
+    floor: list[dict[str, Any]] | None = None,
+    int8_ppl_ratio: float | None = None,
+) -> list[dict[str, Any]]:
+    """The goals slimserve is raced against, each with its measured ratio (or not measured):
+    vLLM's and the baseline's first, then `llama_targets`."""
     t = 16
 
     def tok(race: Rows, label: str, stream: bool, conc: int = t) -> float | None:
         return _get(race, label, stream, conc, "out_tok_s")
 
     e2e = [_get(tiny, s, False, 1, "e2e_p50_ms") for s in ("slimserve", "vllm")]
-    both = ("slimserve", "slimserve-onnx")
+    both = FP32
     return [
         _target(
             "student, 16 clients: non-streamed tok/s vs vLLM",
@@ -113,6 +211,7 @@ def targets(tiny: Rows, big: Rows) -> list[dict[str, Any]]:
             "student, 16 clients: non-streamed tok/s vs the Flask baseline",
             ratio(tok(tiny, "slimserve", False), tok(tiny, "baseline", False)), 6.0, "min",
         ),
+        *llama_targets(tiny, big, floor, int8_ppl_ratio),
     ]  # fmt: skip
 
 
@@ -189,20 +288,37 @@ def _greedy_notes(greedy: list[dict[str, Any]]) -> list[str]:
 
 
 def _llama_notes(tiny: Rows, big: Rows) -> list[str]:
-    """slimserve / llama-server at 16 clients, where both ran (no target: a reading)."""
+    """slimserve / llama-server tok/s where both ran, as readings: the fastest float32 variant
+    against the float32 GGUF, and on the 124M model int8 against `q8_0` (no target there)."""
     notes = []
-    for what, race, ours in (("student", tiny, "slimserve"), ("124M-shaped", big, "slimserve")):
-        for label in ("llama-server", "llama-server-q8"):
+    pairs = (
+        ("student", tiny, FP32, "llama-server", (16,)),
+        ("124M-shaped", big, FP32, "llama-server", (1, 16)),
+        ("124M-shaped", big, ("slimserve-int8",), "llama-server-q8", (1, 16)),
+    )
+    for what, race, ours, label, concs in pairs:
+        for conc in concs:
             got = [
-                ratio(_get(race, ours, s, 16, "out_tok_s"), _get(race, label, s, 16, "out_tok_s"))
+                ratio(_best(race, ours, s, conc), _get(race, label, s, conc, "out_tok_s"))
                 for s in (False, True)
             ]
             if any(g is not None for g in got):
+                who = ours[0] if len(ours) == 1 else f"the faster of {' and '.join(ours)}"
                 notes.append(
-                    f"{what}, 16 clients: slimserve (torch) / {label} tok/s = {got[0]}x "
-                    f"non-streamed, {got[1]}x streamed."
+                    f"{what}, {conc} client(s): {who} / {label} tok/s = {got[0]}x non-streamed, "
+                    f"{got[1]}x streamed."
                 )
     return notes
+
+
+def memory_table(memory: list[dict[str, Any]]) -> Table:
+    """Each server process's resident memory after its race (`bench.peers.memory_rows`)."""
+    columns = ["model", "process", "rss_mib", "peak_rss_mib", "processes", "folder_mib"]
+    return Table(
+        title="memory: resident set per process after each race (MiB)",
+        columns=columns,
+        rows=[[r.get(c) for c in columns] for r in memory],
+    )
 
 
 def floor_table(floor: list[dict[str, Any]]) -> Table:
@@ -215,6 +331,28 @@ def floor_table(floor: list[dict[str, Any]]) -> Table:
     )
 
 
+def _measure_notes(floor: bool, memory: bool) -> list[str]:
+    """How the in-process floor and the memory table were measured, when they are there."""
+    notes = []
+    if floor:
+        notes.append(
+            "In-process floor: CTranslate2 has no server and cannot add a request to a running "
+            "batch, so it is measured in this process, not raced over HTTP: one request at a "
+            "time (ms per output token over the 16 prompts) and 16 prompts in one "
+            "generate_batch call (tok/s), greedy, exactly 64 tokens each, beside slimserve's "
+            "engine measured the same way (bench.engine_bench; its one-request figure is "
+            "1000 / tok/s of the first prompt alone)."
+        )
+    if memory:
+        notes.append(
+            "Memory: each process's resident set (RSS) and its peak (VmHWM) when its race ended, "
+            "servers still up; a slimserve replica beside its artifact folder's size, so one "
+            "copy of the weights shows as RSS a little above the folder, plus what Python, "
+            "its libraries and Ray's worker hold."
+        )
+    return notes
+
+
 def peers_report(
     tiny: Rows,
     big: Rows,
@@ -225,10 +363,12 @@ def peers_report(
     command: str | None,
     llama: dict[str, Any] | None = None,
     floor: list[dict[str, Any]] | None = None,
+    memory: list[dict[str, Any]] | None = None,
+    int8_ppl_ratio: float | None = None,
 ) -> Report:
-    """`bench_peers`: both races, the peers' status, the targets, the greedy comparison and
-    the in-process floor."""
-    goals = targets(tiny, big)
+    """`bench_peers`: both races, the peers' status, the targets, the greedy comparison, the
+    in-process floor and every server's memory."""
+    goals = targets(tiny, big, floor, int8_ppl_ratio)
     tiny_pairs = _pairs_table("student (tiny): side by side", tiny)
     big_pairs = _pairs_table("GPT-2-124M-shaped (random weights): side by side", big)
     tables = [
@@ -245,6 +385,8 @@ def peers_report(
         tables.append(Table.from_records("the peer: llama.cpp llama-server", [llama]))
     if floor:
         tables.append(floor_table(floor))
+    if memory:
+        tables.append(memory_table(memory))
     charts = _tok_chart("student: output tokens/s", 1, tiny_pairs)
     charts += _tok_chart("GPT-2-124M-shaped: output tokens/s", 2, big_pairs)
     notes = [
@@ -253,24 +395,17 @@ def peers_report(
         "x clients); the servers took turns level by level, never loaded together.",
         _rounds_note(settings),
         "Every server serves the same weights: slimserve from serve_config.yaml (the 124M model "
-        "with the student's settings), vLLM's OpenAI server (float32, max-model-len 128) from "
-        "its own venv, llama-server on a GGUF converted from the same folder (float32; on the "
-        "124M model also q8_0, its int8 weights) with one slot of 128 tokens per client of the "
-        "top level, continuous batching and prompt caching off, the Flask baseline (tiny student "
-        "only) with 2 torch threads.",
+        "with the student's settings and every core as threads; its int8 variant is the ONNX "
+        "graph through the quantize-int8 quantizer), vLLM's OpenAI server (float32, "
+        "max-model-len 128) from its own venv, llama-server on a GGUF converted from the same "
+        "folder (float32; on the 124M model also q8_0, its int8 weights) with one slot of 128 "
+        "tokens per client of the top level, continuous batching on and prompt caching off, the "
+        "Flask baseline (tiny student only) with 2 torch threads.",
     ]
     notes += _peer_notes("vLLM", peer, "installed")
     notes += _peer_notes("llama-server", llama or {}, "built")
     notes += _greedy_notes(greedy) + _llama_notes(tiny, big)
-    if floor:
-        notes.append(
-            "In-process floor: CTranslate2 has no server and cannot add a request to a running "
-            "batch, so it is measured in this process, not raced over HTTP: one request at a "
-            "time (ms per output token over the 16 prompts) and 16 prompts in one "
-            "generate_batch call (tok/s), greedy, exactly 64 tokens each, beside slimserve's "
-            "engine measured the same way (bench.engine_bench; its one-request figure is "
-            "1000 / tok/s of the first prompt alone)."
-        )
+    notes += _measure_notes(bool(floor), bool(memory))
     notes += [
         f"target missed: {g['target']}: {g['measured']}x ({g['miss']})"
         for g in goals

@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -359,7 +360,8 @@ class CpuMeter:
         roles = {"ProxyActor": "proxy", "haproxy": "proxy", "ServeController": "controller"}
         return roles.get(name, "ray other")
 
-    def snapshot(self) -> dict[str, float]:
+    def processes(self) -> list[tuple[str, Any]]:
+        """(role, psutil.Process) for this process, the `extra` pids and Ray's descendants."""
         import psutil
 
         me = psutil.Process()
@@ -374,13 +376,52 @@ class CpuMeter:
                 continue
             self._roles[child.pid] = role
             procs.append((role, child))
+        return procs
+
+    def snapshot(self) -> dict[str, float]:
+        import psutil
+
         out: dict[str, float] = {}
-        for role, proc in procs:
+        for role, proc in self.processes():
             with contextlib.suppress(psutil.Error):
                 t = proc.cpu_times()
                 out[role] = out.get(role, 0.0) + t.user + t.system
         return out
 
+    def memory(self) -> dict[str, dict[str, float]]:
+        """role -> resident memory now and at its peak (VmHWM), MiB, summed over its processes.
+
+        A role's processes share pages (a forked worker, a memory-mapped weights file), so a
+        sum over several processes can count a page more than once; a model replica is one
+        process."""
+        import psutil
+
+        found: dict[str, list[int]] = {}  # role -> [rss bytes, peak bytes, processes]
+        for role, proc in self.processes():
+            with contextlib.suppress(psutil.Error, OSError):
+                rss = proc.memory_info().rss
+                row = found.setdefault(role, [0, 0, 0])
+                row[0] += rss
+                row[1] += _peak_rss(proc.pid, rss)
+                row[2] += 1
+        return {
+            role: {
+                "rss_mib": round(r / 2**20, 1),
+                "peak_rss_mib": round(p / 2**20, 1),
+                "processes": n,
+            }
+            for role, (r, p, n) in found.items()
+        }
+
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
+
+
+def _peak_rss(pid: int, rss: int) -> int:
+    """A process's peak resident set (Linux's VmHWM, bytes); `rss` where /proc does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return rss

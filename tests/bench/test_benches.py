@@ -151,6 +151,10 @@ def test_baseline_and_load_generator_smoke(store):
             meter=meter,
             own={"baseline": frozenset({"baseline"})},
         )["baseline"]
+        memory = meter.memory()  # the server is still up
+    base = memory["baseline"]
+    assert base["processes"] == 1 and 20 < base["rss_mib"] <= base["peak_rss_mib"]
+    assert memory["client"]["rss_mib"] > 20
     assert [(lv.stream, lv.concurrency) for lv in levels] == [
         (False, 1),
         (True, 1),
@@ -179,6 +183,7 @@ def test_serving_bench_smoke(store, tmp_path):
     config["applications"][0]["args"]["variants"] = {"student": {"max_batch_size": 4}}
     serve_config = tmp_path / "serve_config.yaml"
     serve_config.write_text(yaml.safe_dump(config))
+    meter = CpuMeter()
     with start_serve(serve_config, config=profile_path, artifacts_dir=root) as url:
         levels = run_levels(
             {"slimserve": url},
@@ -187,8 +192,10 @@ def test_serving_bench_smoke(store, tmp_path):
             requests_per_client=1,
             min_requests=2,
             max_tokens=4,
-            meter=CpuMeter(),
+            meter=meter,
         )["slimserve"]
+        memory = meter.memory()
+    assert memory["student"]["processes"] == 1 and memory["student"]["rss_mib"] > 50
     for lv in levels:
         row = lv.row()
         assert row["ok"] == 2 and row["failed"] == 0, row["errors"]

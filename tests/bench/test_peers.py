@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bench import peer_vllm
-from bench.bench_model import ONNX_VARIANT, TORCH_VARIANT, serve_config_for
+from bench.bench_model import INT8_VARIANT, ONNX_VARIANT, TORCH_VARIANT, serve_config_for
 from bench.peer_vllm import PeerError, install, requirements, start_vllm
 from bench.peers import PeerMeter, PeersPlan, parse_args, peer_status, race
 from bench.peers_report import peers_report, side_by_side, targets
@@ -335,7 +335,7 @@ def test_report_with_and_without_the_peer(tmp_path):
 def test_report_with_llama_server_and_the_floor(tmp_path):
     settings = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
     tiny = {"slimserve": _rows(100, 50), "llama-server": _rows(40, 100)}
-    big = {"slimserve": _rows(10, 1), "llama-server-q8": _rows(20, 1)}
+    big = {"slimserve-int8": _rows(10, 1), "llama-server-q8": _rows(20, 1)}
     vllm = {"peer": "vLLM", "status": "not requested"}
     llama = {"peer": "llama.cpp llama-server", "status": "built", "run (m f32)": "ran"}
     llama["run (gpt2 q8_0)"] = "not started: llama-server exited with 1: bad magic"
@@ -357,8 +357,9 @@ def test_report_with_llama_server_and_the_floor(tmp_path):
     assert "between slimserve and llama-server" in notes and "(m): 1 of 2 prompts" in notes
     assert "(m): 1 of 1 prompts identical token for token between slimserve and vLLM" in notes
     assert "llama-server, gpt2 q8_0: not started: llama-server exited with 1: bad magic" in notes
-    assert "student, 16 clients: slimserve (torch) / llama-server tok/s = 2.5x" in notes
-    assert "124M-shaped, 16 clients: slimserve (torch) / llama-server-q8 tok/s = 0.5x" in notes
+    both = "the faster of slimserve and slimserve-onnx"
+    assert f"student, 16 client(s): {both} / llama-server tok/s = 2.5x non-streamed" in notes
+    assert "124M-shaped, 16 client(s): slimserve-int8 / llama-server-q8 tok/s = 0.5x" in notes
     assert "In-process floor: CTranslate2 has no server" in notes
     pairs = report.tables[1]
     assert pairs.columns[1:3] == ["slimserve_tok_s", "slimserve_stream_tok_s"]
@@ -402,7 +403,7 @@ def test_serve_config_for_the_bench_profile(tmp_path):
     )
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["config"] == str((tmp_path / "p.yaml").resolve())
-    assert set(args["variants"]) == {TORCH_VARIANT, ONNX_VARIANT}
+    assert set(args["variants"]) == {TORCH_VARIANT, ONNX_VARIANT, INT8_VARIANT}
     defaults = args["defaults"]
     assert defaults["max_batch_size"] == 32 and defaults["max_ongoing_requests"] == 64
     assert all(v["threads"] == (os.cpu_count() or 1) for v in args["variants"].values())
