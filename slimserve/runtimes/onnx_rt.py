@@ -63,6 +63,7 @@ from slimserve.runtimes.arena import Arena, ArenaKVState, Arenas
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
+    inference_mode_once,
     position_ids_from_mask,
     prompt_batch,
     resolve_device,
@@ -255,12 +256,8 @@ class OnnxRuntime:
         state = KVState(list(out[1::2]), list(out[2::2]), mask, mask.sum(dim=1))
         return out[0][:, -1], state  # left padding: every row's last real token is column -1
 
+    @inference_mode_once
     def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
-        if not torch.is_inference_mode_enabled():
-            # Entered here only when the caller has not: the engine's worker already runs in
-            # inference mode, and entering it costs about 15 us, once per token.
-            with torch.inference_mode():
-                return self.decode(tokens, state)
         if state.past_length + 1 > self.info.context_length:
             raise ValueError(
                 f"decode past the context length {self.info.context_length} "

@@ -30,6 +30,7 @@ from slimserve.runtimes.arena import ArenaKVState, Arenas
 from slimserve.runtimes.base import (
     KVState,
     RuntimeInfo,
+    inference_mode_once,
     position_ids_from_mask,
     prompt_batch,
     resolve_device,
@@ -106,7 +107,7 @@ class TorchRuntime:
         state = KVState(keys, values, mask, mask.sum(dim=1))
         return out.logits[:, -1].float(), state  # (B, V)
 
-    @torch.inference_mode()
+    @inference_mode_once
     def decode(self, tokens: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
         # Under base.py's invariants the longest row has no padding, so P is its position.
         if state.past_length + 1 > self.info.context_length:

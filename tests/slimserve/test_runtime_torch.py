@@ -236,3 +236,16 @@ def test_unloadable_folders(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="corrupt"):
         load(tmp_path)
+
+
+def test_decode_runs_in_inference_mode_whether_or_not_the_caller_is(tiny_runtime):
+    """`inference_mode_once`: a caller outside inference mode still gets inference tensors (no
+    autograd record), and one already inside it (the engine's worker) gets the same logits."""
+    _, state = tiny_runtime.prefill([[1, 2, 3]])
+    assert not torch.is_inference_mode_enabled()
+    logits, _ = tiny_runtime.decode(torch.tensor([4]), state)
+    assert logits.is_inference() and not torch.is_inference_mode_enabled()
+    with torch.inference_mode():
+        inside, _ = tiny_runtime.decode(torch.tensor([4]), state)
+        assert torch.is_inference_mode_enabled()
+    assert torch.equal(logits, inside)
