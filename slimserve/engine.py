@@ -20,8 +20,8 @@ blocks the event loop), then turns the sampled tokens into text on the loop:
 Overlap (`EngineConfig.overlap`, on by default for a GPU runtime only) plans and launches the
 next step before this step's tokens become text; its limits are described there.
 
-A request waits in a bounded queue until a batch slot is free. When the engine is idle, the
-first request waits up to `max_wait_ms` for company so that a burst is prefilled together.
+A request waits in a bounded queue until a batch slot is free. An idle engine's first request
+waits up to `max_wait_ms` for a burst to prefill together (not a lone client's: `Company`).
 Long prompts are prefilled whole (no chunked prefill), so they delay that step's decode.
 
 How sampled ids become text, stop strings and streamed deltas: `slimserve.engine_request`.
@@ -49,6 +49,7 @@ import torch
 from slimserve.engine_batch import BatchWorker, LaunchedStep, StepOutput, StepPlan
 from slimserve.engine_request import Request, RequestStream, prompt_ids
 from slimserve.engine_types import (
+    Company,
     Completion,
     EngineClosedError,
     EngineConfig,
@@ -102,6 +103,7 @@ class Engine:
         self._inflight: Future | None = None  # the last step handed to the worker
         self._batch = BatchWorker(runtime)  # the KV state: the worker thread's between steps
         self._next_id = 0
+        self._company = Company()  # whether an idle engine waits max_wait_ms for company
         self._counts = dict.fromkeys(
             ("steps", "submitted", "finished", "cancelled", "failed", "rejected", "peak"), 0
         )
@@ -262,10 +264,11 @@ class Engine:
         while True:
             if pending is None:
                 if not self._running and not self._waiting:
+                    self._company.idle()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                if not self._running:
+                if not self._running and self._company.wait:
                     await self._wait_for_company()
                 pending = self._launch(ahead=False)
                 if pending is None:
@@ -329,7 +332,8 @@ class Engine:
             self._scoring.remove(req)
             self._finish(req, None, "cancelled" if req.cancelled else req.finish_scored())
         self._counts["peak"] = max(self._counts["peak"], len(step.rows))
-        self._emit_step(
+        self._callback(
+            self.on_step,
             StepInfo(
                 step=self._counts["steps"],
                 batch_size=len(out.tokens),
@@ -338,7 +342,7 @@ class Engine:
                 removed=step.removed,
                 seconds=now - step.t0,
                 steps=1 + len(out.more),
-            )
+            ),
         )
 
     async def _wait_for_company(self) -> None:
@@ -380,6 +384,7 @@ class Engine:
             admitted.append(req)
         joining = [r for r in admitted if r.params.max_tokens > 0]
         self._running = kept + joining
+        self._company.seen(len(kept) + len(admitted) + len(self._waiting))
         if not self._running and len(joining) == len(admitted):
             if removed:  # the worker still holds the rows' cache: drop it now
                 self._batch.drop()
@@ -389,8 +394,7 @@ class Engine:
             plan.allow_burst(
                 self._running, self.config.decode_burst, self.context_length, self._waiting
             )
-        for req in admitted:
-            self._prompt_tokens += len(req.prompt_ids)
+        self._prompt_tokens += sum(len(req.prompt_ids) for req in admitted)
         return plan, admitted, removed, len(kept)
 
     def _last_by_length(self, req: Request) -> bool:
@@ -421,18 +425,15 @@ class Engine:
         key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "finished")
         self._counts[key] += 1
         if self.on_finish is not None:
-            metrics = req.metrics(reason)
-            try:
-                self.on_finish(metrics)
-            except Exception:
-                log.exception("on_finish callback failed")
+            self._callback(self.on_finish, req.metrics(reason))
 
-    def _emit_step(self, info: StepInfo) -> None:
-        if self.on_step is not None:
+    def _callback(self, callback: Callable[..., None] | None, arg: object) -> None:
+        """Run `on_step` or `on_finish` (when set); its exception is logged and ignored."""
+        if callback is not None:
             try:
-                self.on_step(info)
+                callback(arg)
             except Exception:
-                log.exception("on_step callback failed")
+                log.exception("engine callback %r failed", callback)
 
     def _fail_all(self, error: BaseException) -> None:
         for req in list(self._waiting) + self._running + self._scoring:
@@ -444,7 +445,6 @@ class Engine:
 
 
 __all__ = [  # noqa: RUF022 (the engine first, then what it raises and returns)
-    "Engine", "RequestStream", "QueueFullError", "EngineClosedError", "EngineError",
-    "EngineConfig", "StreamChunk", "Timings", "Completion", "RequestMetrics", "StepInfo",
-    "EngineStats"
+    "Engine", "RequestStream", "QueueFullError", "EngineClosedError", "EngineError", "EngineConfig",
+    "StreamChunk", "Timings", "Completion", "RequestMetrics", "StepInfo", "EngineStats"
 ]  # fmt: skip

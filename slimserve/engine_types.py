@@ -165,3 +165,27 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     peak_running: int
+
+
+class Company:
+    """Whether an idle engine's first request should wait `max_wait_ms` for company.
+
+    The wait gathers a burst into one prefill, but a client that sends one request after
+    another finds the engine idle every time and would wait the whole `max_wait_ms` for
+    company that never comes. So the engine waits only when its last busy spell (from leaving
+    idle to being idle again) held two requests or more at once; before the first spell it
+    does not know, and waits. A spell that holds two turns the wait back on for the next.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0  # most requests in the engine at once in this busy spell
+        self.wait = True  # whether the next idle engine waits for company
+
+    def seen(self, requests: int) -> None:
+        """Requests in the engine (running and waiting) at a step."""
+        self.peak = max(self.peak, requests)
+
+    def idle(self) -> None:
+        """The engine has nothing to run: the busy spell, if there was one, ends."""
+        if self.peak:
+            self.wait, self.peak = self.peak > 1, 0
