@@ -123,16 +123,22 @@ class _HostArena:
     zeros (masked) up to C, and 1 at column C for the new token, which the graph places after
     the buffer. An arena only grows at column `length`, so setting that column of `fed` when
     it is written keeps `fed` exact without rebuilding it; `mask` is `fed` as a torch tensor.
+    `feeds`: the graph's inputs that stay the same arrays from step to step (the buffers, `fed`
+    and the constant ones); each step sets only `input_ids` and `position_ids`.
     """
 
     buffers: list[np.ndarray]
     fed: np.ndarray
     mask: torch.Tensor
+    feeds: dict[str, np.ndarray]
 
     @staticmethod
-    def of(arena: Arena, mask: torch.Tensor) -> _HostArena:
-        """`arena`'s views, built on its first decode (its newest state has the (B, P) `mask`)
-        and kept on the arena (`Arena.views`), so they live exactly as long as it does."""
+    def of(
+        arena: Arena, mask: torch.Tensor, names: list[str], constant: dict[str, np.ndarray]
+    ) -> _HostArena:
+        """`arena`'s views, built on its first decode (its newest state has the (B, P) `mask`;
+        `names`: the past inputs, in `buffers`' order) and kept on the arena (`Arena.views`), so
+        they live exactly as long as it does."""
         if isinstance(arena.views, _HostArena):
             return arena.views
         batch, past = mask.shape
@@ -141,7 +147,9 @@ class _HostArena:
         fed[:, arena.capacity] = 1
         pairs = zip(arena.keys, arena.values, strict=True)
         buffers = [t.numpy() for pair in pairs for t in pair]
-        arena.views = _HostArena(buffers, fed.numpy(), fed)
+        feeds = dict(zip(names, buffers, strict=True)) | constant
+        feeds["attention_mask"] = fed.numpy()
+        arena.views = _HostArena(buffers, feeds["attention_mask"], fed, feeds)
         return arena.views
 
 
@@ -282,13 +290,11 @@ class OnnxRuntime:
         numpy views (`_HostArena`), built once per arena."""
         past = state.past_length
         arena = self._arenas.writable(state)
-        host = _HostArena.of(arena, state.mask)
-        feeds = dict(zip(self._past_names, host.buffers, strict=True))
+        constant = self._keep_last if self.keeps_logits else {}
+        host = _HostArena.of(arena, state.mask, self._past_names, constant)
+        feeds = host.feeds
         feeds["input_ids"] = ids.numpy()
-        feeds["attention_mask"] = host.fed
         feeds["position_ids"] = state.positions.view(-1, 1).numpy()
-        if self.keeps_logits:
-            feeds.update(self._keep_last)
         out = self.session.run(self.output_names, feeds)
         for buf, new in zip(host.buffers, out[1:], strict=True):
             buf[:, :, past] = new[:, :, 0]
