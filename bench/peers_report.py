@@ -54,10 +54,34 @@ def _get(race: Rows, label: str, stream: bool, conc: int, column: str) -> float 
     return find_level(race.get(label, []), stream, conc).get(column)
 
 
-def _best(race: Rows, labels: tuple[str, ...], stream: bool, conc: int) -> float | None:
-    found = [_get(race, lb, stream, conc, "out_tok_s") for lb in labels]
+def _tok(race: Rows, label: str, stream: bool, conc: int = 16) -> float | None:
+    return _get(race, label, stream, conc, "out_tok_s")
+
+
+def _best(
+    race: Rows,
+    labels: tuple[str, ...],
+    stream: bool,
+    conc: int,
+    column: str = "out_tok_s",
+    pick=max,
+) -> float | None:
+    """The best of `labels`' `column` at one level (`pick`: max for tok/s, min for latency)."""
+    found = [_get(race, lb, stream, conc, column) for lb in labels]
     found = [f for f in found if f is not None]
-    return max(found) if found else None
+    return pick(found) if found else None
+
+
+def _both_ways(
+    what: str, race: Rows, labels: tuple[str, ...], peer: str, bound: float
+) -> list[dict[str, Any]]:
+    """`what`, non-streamed then streamed: the best of `labels` over `peer` at 16 clients."""
+    return [
+        _target(
+            f"{what}, {way}", ratio(_best(race, labels, s, 16), _tok(race, peer, s)), bound, "min"
+        )
+        for s, way in ((False, "non-streamed"), (True, "streamed"))
+    ]
 
 
 def _target(what: str, got: float | None, bound: float, kind: str) -> dict[str, Any]:
@@ -88,12 +112,6 @@ def _floor_value(floor: list[dict[str, Any]], model: str, engine: str, column: s
     return row.get(column)
 
 
-def _fastest_e2e(race: Rows, labels: tuple[str, ...]) -> float | None:
-    found = [_get(race, lb, False, 1, "e2e_p50_ms") for lb in labels]
-    found = [f for f in found if f is not None]
-    return min(found) if found else None
-
-
 def llama_targets(
     tiny: Rows,
     big: Rows,
@@ -104,11 +122,6 @@ def llama_targets(
     path against the engine alone. On the 124M model the 1-client figures are tokens/s, whose
     inverse is ms per token (robust to a server that stops early)."""
     floor = floor or []
-    t = 16
-
-    def tok(race: Rows, label: str, stream: bool, conc: int = t) -> float | None:
-        return _get(race, label, stream, conc, "out_tok_s")
-
     onnx_engine = _floor_value(floor, "student-onnx", "slimserve engine", "batch_tok_s")
     engines = [
         _floor_value(floor, m, "slimserve engine", "one_ms_per_token")
@@ -116,43 +129,35 @@ def llama_targets(
     ]
     engines = [e for e in engines if e is not None]
     ct2 = _floor_value(floor, "student", "CTranslate2", "one_ms_per_token")
+    one_e2e = _best(tiny, FP32, False, 1, "e2e_p50_ms", min)
     return [
-        _target(
-            "student, 16 clients: fastest slimserve variant vs llama-server, non-streamed",
-            ratio(_best(tiny, FP32, False, t), tok(tiny, "llama-server", False)), 1.0, "min",
-        ),
-        _target(
-            "student, 16 clients: fastest slimserve variant vs llama-server, streamed",
-            ratio(_best(tiny, FP32, True, t), tok(tiny, "llama-server", True)), 1.0, "min",
+        *_both_ways(
+            "student, 16 clients: fastest slimserve variant vs llama-server", tiny, FP32,
+            "llama-server", 1.0,
         ),
         _target(
             "student, 1 client: fastest slimserve variant's e2e p50 vs llama-server's",
-            ratio(_fastest_e2e(tiny, FP32), _get(tiny, "llama-server", False, 1, "e2e_p50_ms")),
-            1.25, "max",
+            ratio(one_e2e, _get(tiny, "llama-server", False, 1, "e2e_p50_ms")), 1.25, "max",
         ),
         _target(
             "student-onnx, 16 clients: served tok/s vs its engine alone (16 prompts, one batch)",
-            ratio(tok(tiny, "slimserve-onnx", False), onnx_engine), 0.7, "min",
+            ratio(_tok(tiny, "slimserve-onnx", False), onnx_engine), 0.7, "min",
         ),
         _target(
             "student, engine alone: fastest variant's ms/token vs CTranslate2 float32's",
             ratio(min(engines) if engines else None, ct2), 2.0, "max",
         ),
-        _target(
-            "124M-shaped, 16 clients: best float32 slimserve variant vs llama-server, non-streamed",
-            ratio(_best(big, FP32, False, t), tok(big, "llama-server", False)), 1.0, "min",
-        ),
-        _target(
-            "124M-shaped, 16 clients: best float32 slimserve variant vs llama-server, streamed",
-            ratio(_best(big, FP32, True, t), tok(big, "llama-server", True)), 1.0, "min",
+        *_both_ways(
+            "124M-shaped, 16 clients: best float32 slimserve variant vs llama-server", big, FP32,
+            "llama-server", 1.0,
         ),
         _target(
             "124M-shaped, 1 client: best float32 slimserve variant's ms/token vs llama-server's",
-            ratio(tok(big, "llama-server", False, 1), _best(big, FP32, False, 1)), 1.1, "max",
+            ratio(_tok(big, "llama-server", False, 1), _best(big, FP32, False, 1)), 1.1, "max",
         ),
         _target(
             "124M-shaped, 1 client: int8 decode speed vs float32 ONNX (tokens/s)",
-            ratio(tok(big, "slimserve-int8", False, 1), tok(big, "slimserve-onnx", False, 1)),
+            ratio(_tok(big, "slimserve-int8", False, 1), _tok(big, "slimserve-onnx", False, 1)),
             1.5, "min",
         ),
         _target(
@@ -170,46 +175,35 @@ def targets(
 ) -> list[dict[str, Any]]:
     """The goals slimserve is raced against, each with its measured ratio (or not measured):
     vLLM's and the baseline's first, then `llama_targets`."""
-    t = 16
-
-    def tok(race: Rows, label: str, stream: bool, conc: int = t) -> float | None:
-        return _get(race, label, stream, conc, "out_tok_s")
-
     e2e = [_get(tiny, s, False, 1, "e2e_p50_ms") for s in ("slimserve", "vllm")]
-    both = FP32
     return [
         _target(
             "student, 16 clients: non-streamed tok/s vs vLLM",
-            ratio(tok(tiny, "slimserve", False), tok(tiny, "vllm", False)), 1.0, "min",
+            ratio(_tok(tiny, "slimserve", False), _tok(tiny, "vllm", False)), 1.0, "min",
         ),
         _target(
             "student, 16 clients: streamed tok/s vs vLLM",
-            ratio(tok(tiny, "slimserve", True), tok(tiny, "vllm", True)), 1.0, "min",
+            ratio(_tok(tiny, "slimserve", True), _tok(tiny, "vllm", True)), 1.0, "min",
         ),
         _target("student, 1 client: non-streamed e2e p50 vs vLLM", ratio(*e2e), 1.0, "max"),
         _target(
             "student-onnx, 16 clients: non-streamed tok/s vs vLLM",
-            ratio(tok(tiny, "slimserve-onnx", False), tok(tiny, "vllm", False)), 1.5, "min",
+            ratio(_tok(tiny, "slimserve-onnx", False), _tok(tiny, "vllm", False)), 1.5, "min",
         ),
         _target(
             "student-onnx, 16 clients: streamed tok/s vs vLLM",
-            ratio(tok(tiny, "slimserve-onnx", True), tok(tiny, "vllm", True)), 1.5, "min",
+            ratio(_tok(tiny, "slimserve-onnx", True), _tok(tiny, "vllm", True)), 1.5, "min",
         ),
         _target(
             "student, 16 clients: streamed vs non-streamed tok/s",
-            ratio(tok(tiny, "slimserve", True), tok(tiny, "slimserve", False)), 0.9, "min",
+            ratio(_tok(tiny, "slimserve", True), _tok(tiny, "slimserve", False)), 0.9, "min",
         ),
-        _target(
-            "124M-shaped, 16 clients: best slimserve variant vs vLLM, non-streamed",
-            ratio(_best(big, both, False, t), tok(big, "vllm", False)), 1.0, "min",
-        ),
-        _target(
-            "124M-shaped, 16 clients: best slimserve variant vs vLLM, streamed",
-            ratio(_best(big, both, True, t), tok(big, "vllm", True)), 1.0, "min",
+        *_both_ways(
+            "124M-shaped, 16 clients: best slimserve variant vs vLLM", big, FP32, "vllm", 1.0
         ),
         _target(
             "student, 16 clients: non-streamed tok/s vs the Flask baseline",
-            ratio(tok(tiny, "slimserve", False), tok(tiny, "baseline", False)), 6.0, "min",
+            ratio(_tok(tiny, "slimserve", False), _tok(tiny, "baseline", False)), 6.0, "min",
         ),
         *llama_targets(tiny, big, floor, int8_ppl_ratio),
     ]  # fmt: skip

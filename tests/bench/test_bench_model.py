@@ -3,9 +3,6 @@ int8 variant is built from the ONNX variant by the pipeline's quantizer and serv
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -21,17 +18,7 @@ from bench.bench_model import (
 )
 from slimserve.artifacts import ArtifactStore, read_manifest
 from slimserve.catalogue import load_profile
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tiny_builder():
-    """`build_tiny_model` from tests/slimserve/conftest.py, loaded under a private name."""
-    path = ROOT / "tests" / "slimserve" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_slimserve_tiny_fixtures_m", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_model
+from tests.bench.test_benches import _tiny_builder
 
 
 def test_the_bench_profile_declares_int8_from_the_onnx_variant(tmp_path):

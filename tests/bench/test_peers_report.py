@@ -4,18 +4,9 @@ readings of int8 against llama-server's q8_0, and its memory table, on plain row
 from __future__ import annotations
 
 from bench.peers_report import llama_targets, memory_table, peers_report
+from tests.bench.test_peers import _rows  # levels at 1 and 16 clients, streamed 0.9x
 
 SETTINGS = {"max_tokens": 8, "min_requests": 2, "requests_per_client": 1}
-
-
-def _rows(tok: float, e2e: float) -> list[dict]:
-    """Levels at 1 and 16 clients: tok/s scales with clients, streamed 0.9x."""
-    return [
-        {"stream": s, "concurrency": c, "out_tok_s": tok * c * (0.9 if s else 1.0)}
-        | {"e2e_p50_ms": e2e, "ttft_p99_ms": 10.0 if s else None, "ok": 4, "failed": 0}
-        for s in (False, True)
-        for c in (1, 16)
-    ]
 
 
 FLOOR = [
