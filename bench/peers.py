@@ -201,13 +201,8 @@ def run_tiny(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]]
     """The student race (slimserve torch and ONNX, vLLM, llama-server, baseline), the greedy
     comparison, then the in-process floor."""
     from bench.baseline import start_baseline
-    from slimserve.artifacts import ArtifactStore
-    from slimserve.catalogue import load_profile
 
-    profile = load_profile(plan.config)
-    root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
-    store = ArtifactStore(root, profile.name)
-    plan.resolve_variant(profile)
+    profile, store = plan.open_store()
     folder = store.path(plan.variant)
     wait_for(folder / "manifest.json", plan.wait_s)
     onnx = f"{plan.variant}-onnx"
@@ -216,7 +211,7 @@ def run_tiny(plan: PeersPlan, peers: Peers) -> tuple[Races, list[dict[str, Any]]
     extra: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         slim = stack.enter_context(
-            start_serve(plan.serve_config, config=plan.config, artifacts_dir=root, need=need)
+            start_serve(plan.serve_config, config=plan.config, artifacts_dir=store.root, need=need)
         )
         servers = {"slimserve": (slim, plan.variant)}
         if with_onnx:
@@ -299,13 +294,8 @@ def _floor(plan: PeersPlan, folder: Path, onnx_dir: Path | None, repeats: int) -
 def int8_ppl_ratio(plan: PeersPlan) -> float | None:
     """The tiny profile's int8 student's perplexity over its float32 parent's, as its
     quantize-int8 step measured it (None when that variant is not built)."""
-    from slimserve.artifacts import ArtifactStore
-    from slimserve.catalogue import load_profile
-
-    profile = load_profile(plan.config)
-    root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
-    variant = plan.resolve_variant(profile)
-    manifest = ArtifactStore(root, profile.name).manifest(f"{variant}-onnx-int8")
+    _, store = plan.open_store()
+    manifest = store.manifest(f"{plan.variant}-onnx-int8")
     quality = (manifest.details or {}).get("quality_vs_fp32", {}) if manifest else {}
     return quality.get("perplexity_ratio")
 

@@ -67,6 +67,17 @@ class BenchPlan:
         self.variant = self.variant or profile.default_variant
         return self.variant
 
+    def open_store(self) -> tuple[Any, Any]:
+        """The profile and its ArtifactStore (`artifacts`, when set, overrides the profile's
+        folder); `variant` is resolved on the way."""
+        from slimserve.artifacts import ArtifactStore
+        from slimserve.catalogue import load_profile
+
+        profile = load_profile(self.config)
+        root = Path(self.artifacts) if self.artifacts else profile.artifacts_root()
+        self.resolve_variant(profile)
+        return profile, ArtifactStore(root, profile.name)
+
     def load(self, when: str) -> str:
         one, five, fifteen = os.getloadavg()
         line = f"{when}: {one:.2f}, {five:.2f}, {fifteen:.2f}"
@@ -284,15 +295,10 @@ def _serve_threads(plan: BenchPlan) -> str:
 
 def run_all(plan: BenchPlan) -> list[Path]:
     """Run the parts of `plan` in order; write their reports; return the paths written."""
-    from slimserve.artifacts import ArtifactStore
-    from slimserve.catalogue import load_profile
     from slimserve.hardware import machine
     from slimserve.reports import write_report
 
-    profile = load_profile(plan.config)
-    root = Path(plan.artifacts) if plan.artifacts else profile.artifacts_root()
-    store = ArtifactStore(root, profile.name)
-    plan.resolve_variant(profile)
+    profile, store = plan.open_store()
     if {"baseline", "serving"} & set(plan.parts) and store.manifest(plan.variant) is None:
         raise FileNotFoundError(f"{plan.variant} is not built: run `make artifacts`")
     out = Path(plan.reports_dir)
@@ -320,7 +326,7 @@ def run_all(plan: BenchPlan) -> list[Path]:
     race = [p for p in ("baseline", "serving") if p in plan.parts]
     levels: dict[str, list[Any]] = {}
     if race:
-        levels = _race(plan, store.path(plan.variant), root, out)
+        levels = _race(plan, store.path(plan.variant), store.root, out)
     slim, baseline = levels.get("slimserve", []), levels.get("baseline", [])
     if slim or baseline:
         report = serving_report(slim, baseline, plan.max_tokens, command=plan.command)
